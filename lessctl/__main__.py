@@ -1,0 +1,3 @@
+from lessctl.cli import main
+
+main()

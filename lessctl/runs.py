@@ -1,0 +1,142 @@
+"""Run folders with provenance: `results/runs/<command>/<time>-<name>/`.
+
+Each run folder holds `config.yaml` (resolved), `overrides.yaml`, `meta.json` (git revision,
+library versions, device, seed, start/end time) and, from the stages, `rows.jsonl`: tidy result
+rows, each carrying the provenance columns of `Run.provenance`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+TRACKED = ("torch", "transformers", "datasets", "lessctl")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def git_revision() -> str:
+    """Current commit (with `+dirty` if the tree has changes), or `unknown` outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in TRACKED:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(f.name, path)
+
+
+@dataclass
+class Run:
+    """A run folder. Create with `start_run`; append rows with `add_rows`; close with `finish`."""
+
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Columns that every result row of this run carries."""
+        m = self.meta
+        return {
+            "run": str(self.path),
+            "git": m["git"],
+            "seed": m["seed"],
+            "device": m["device"],
+            **{f"v_{k}": v for k, v in m["versions"].items()},
+        }
+
+    def add_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Append tidy rows (provenance added) to `rows.jsonl`, one JSON object a line."""
+        with open(self.path / "rows.jsonl", "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps({**r, **self.provenance}, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rows(self) -> list[dict[str, Any]]:
+        p = self.path / "rows.jsonl"
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in open(p, encoding="utf-8") if line.strip()]
+
+    def update_meta(self, **kw: Any) -> None:
+        self.meta.update(kw)
+        write_json_atomic(self.path / "meta.json", self.meta)
+
+    def finish(self, status: str = "finished") -> None:
+        self.update_meta(end=_now(), status=status)
+
+
+def start_run(cfg: DictConfig, command: str, overrides: list[str], device: str = "cpu") -> Run:
+    """Make `<results_dir>/runs/<command>/<UTC time>[-<run_name>]/` and write its provenance."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    name = stamp + (f"-{cfg.run_name}" if cfg.get("run_name") else "")
+    path = Path(cfg.results_dir) / "runs" / command / name
+    path.mkdir(parents=True, exist_ok=False)
+    (path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (path / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    run = Run(path)
+    run.update_meta(
+        command=command,
+        overrides=list(overrides),
+        git=git_revision(),
+        versions=versions(),
+        device=device,
+        seed=int(cfg.seed),
+        start=_now(),
+        host=platform.node(),
+        status="running",
+    )
+    return run
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    return Run(path, json.loads((path / "meta.json").read_text()))
+
+
+def list_runs(results_dir: str | Path, command: str | None = None) -> list[Run]:
+    """Saved runs (oldest first), optionally of one command."""
+    root = Path(results_dir) / "runs"
+    pattern = f"{command}/*/meta.json" if command else "*/*/meta.json"
+    return [load_run(p.parent) for p in sorted(root.glob(pattern))]

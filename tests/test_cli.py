@@ -1,0 +1,31 @@
+from typer.testing import CliRunner
+
+from lessctl.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    out = runner.invoke(app, ["--help"]).output
+    assert "assets" in out
+
+
+def test_cfg_prints_resolved_config():
+    res = runner.invoke(app, ["assets", "model=tiny-random", "seed=7", "--cfg"])
+    assert res.exit_code == 0
+    assert "name: tiny-random" in res.output and "seed: 7" in res.output
+
+
+def test_bad_override_one_line_error():
+    res = runner.invoke(app, ["assets", "model=nope"])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "allowed" in lines[0] and "smollm2-135m" in lines[0]
+
+
+def test_assets_check_on_empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "empty"))
+    res = runner.invoke(app, ["assets", "--check"])
+    assert res.exit_code == 1  # nothing is there, and --check downloads nothing
+    assert "smollm2-135m" in res.output
+    assert not (tmp_path / "empty" / "downloads").exists()

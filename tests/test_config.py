@@ -1,0 +1,58 @@
+import pytest
+
+from lessctl.config import ConfigError, group_options, groups, load_config, resolve_dtype
+
+
+def test_groups_exist():
+    assert {"model", "data", "policy", "less", "experiment"} <= set(groups())
+
+
+@pytest.mark.parametrize("group", ["model", "data", "policy", "less", "experiment"])
+def test_every_option_composes(group):
+    options = group_options(group)
+    assert options, f"group {group} has no options"
+    for opt in options:
+        cfg = load_config([f"{group}={opt}"])
+        if group in ("model", "data", "policy"):
+            assert cfg[group].name == opt
+
+
+def test_required_options_present():
+    assert {"smollm2-135m", "tiny-random", "llama2-7b", "llama2-13b", "falcon-7b",
+            "mistral-7b"} <= set(group_options("model"))
+    assert {"c4", "wikitext2", "wikitext103", "pg19", "cnndm", "xsum",
+            "multinews"} <= set(group_options("data"))
+    assert {"smoke", "cpu", "paper"} <= set(group_options("experiment"))
+
+
+def test_defaults(compose):
+    cfg = compose()
+    assert cfg.model.name == "smollm2-135m"
+    assert cfg.device == "auto" and cfg.dtype == "auto"
+
+
+def test_unknown_option_lists_allowed():
+    with pytest.raises(ConfigError) as e:
+        load_config(["model=nope"])
+    msg = str(e.value)
+    assert "\n" not in msg and "'nope'" in msg and "tiny-random" in msg and "llama2-7b" in msg
+
+
+def test_unknown_key_is_one_line():
+    with pytest.raises(ConfigError) as e:
+        load_config(["not_a_key=1"])
+    assert "\n" not in str(e.value) and "not_a_key" in str(e.value)
+
+
+def test_not_an_override():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(["justaword"])
+
+
+def test_dtype_resolution():
+    import torch
+
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ConfigError, match="allowed"):
+        resolve_dtype("float8", torch.device("cpu"))
