@@ -25,7 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Experiment harness for LESS: sparse KV-cache policies plus a learned low-rank state.",
 )
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 OVERRIDES = typer.Argument(None, help="Hydra overrides: key=value or group=option.")
@@ -92,6 +92,110 @@ def assets(
     console.print(table)
     if check and not all(r["ready"] for r in rows):
         raise typer.Exit(1)
+
+
+def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig):
+    """Open a run folder for `command` with the config's provenance."""
+    from lessctl.config import resolve_device
+    from lessctl.runs import start_run
+
+    return start_run(cfg, command, overrides or [], device=str(resolve_device(cfg.device)))
+
+
+@app.command(context_settings=EXTRA)
+def extract(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
+    """Capture post-RoPE q/k/v of every layer in one forward pass and stream them to disk."""
+    cfg = compose(overrides, print_cfg)
+    if cfg is None:
+        return
+    from lessctl import extract as E
+
+    run = _stage_run("extract", overrides, cfg)
+    man = run_stage(E.run, cfg, log=console.print)
+    run.add_rows(
+        [
+            {
+                "stage": "extract",
+                "model": man["model"],
+                "dataset": man["dataset"],
+                "source": man["source"],
+                "metric": "tokens",
+                "value": man["tokens"],
+                "activations": str(E.extraction_dir(cfg)),
+            }
+        ]
+    )
+    run.finish()
+    console.print(f"activations: {E.extraction_dir(cfg)}  (run: {run.path})")
+
+
+@app.command(context_settings=EXTRA)
+def train(
+    overrides: list[str] = OVERRIDES,
+    print_cfg: bool = CFG,
+    multirun: bool = typer.Option(
+        False,
+        "--multirun",
+        "-m",
+        help="Hydra multirun: fan out over comma-separated values "
+        "(e.g. train.layers=0,1,2) through the configured launcher (hydra/launcher=joblib).",
+    ),
+) -> None:
+    """Train φ/ψ of every layer (or train.layers) against the policy, one layer at a time."""
+    if multirun:
+        from lessctl.multirun import launch
+
+        raise typer.Exit(launch("train", overrides or []))
+    cfg = compose(overrides, print_cfg)
+    if cfg is None:
+        return
+    train_job(cfg, overrides or [])
+
+
+def train_job(cfg: DictConfig, overrides: list[str]) -> None:
+    """One `lessctl train` run: train, save the run folder's rows, print the MSE table."""
+    from lessctl import train as T
+
+    run = _stage_run("train", overrides, cfg)
+    out, metrics = run_stage(T.run, cfg, log=console.print)
+    run.update_meta(checkpoint=str(out))
+    rows = []
+    table = Table(title=f"validation MSE per layer ({cfg.policy.name}) → {out}")
+    for col in ("layer", "Baseline", "Baseline+", "LESS", "status"):
+        table.add_column(col)
+    for m in metrics:
+        table.add_row(
+            str(m["layer"]),
+            f"{m['val_baseline_mse']:.4e}",
+            f"{m['val_baseline_plus_mse']:.4e}",
+            f"{m['val_less_mse']:.4e}",
+            m["status"],
+        )
+        for method, key in (
+            ("baseline", "val_baseline_mse"),
+            ("baseline_plus", "val_baseline_plus_mse"),
+            ("less", "val_less_mse"),
+        ):
+            rows.append(
+                {
+                    "stage": "train",
+                    "model": cfg.model.name,
+                    "dataset": cfg.data.name,
+                    "policy": m["policy"],
+                    "budget": m["budget"],
+                    "layer": m["layer"],
+                    "method": method,
+                    "metric": "val_mse",
+                    "value": m[key],
+                    "checkpoint": str(out),
+                }
+            )
+    run.add_rows(rows)
+    run.finish()
+    console.print(table)
+
+
+JOBS: dict[str, Callable[[DictConfig, list[str]], None]] = {"train": train_job}
 
 
 def main() -> None:

@@ -89,7 +89,7 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-    attn_implementation: str = "eager",
+    attn_implementation: str = "sdpa",
 ):
     """Load the model described by a `model/` config. Returns `(model, tokenizer)`."""
     path = cfg.get("path")

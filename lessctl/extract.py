@@ -1,0 +1,151 @@
+"""`lessctl extract`: capture post-RoPE q, k, v of every layer in one forward pass, to disk.
+
+The model runs unmodified; a registered attention function (lessctl.hooks) sees q and k after
+RoPE and k, v per KV head, copies them out and then calls transformers' SDPA. Each batch of
+`extract.batch_size` sequences is one chunk: its shards are written (atomically) as soon as
+the forward pass ends, so memory is bounded by one batch. Re-running skips finished chunks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lessctl.config import resolve_device, resolve_dtype
+from lessctl.data import load_texts, token_windows
+from lessctl.errors import LessctlError
+from lessctl.hooks import attention_layers, sdpa, use_attention
+from lessctl.models import attention_geometry, load_model
+from lessctl.shards import ShardStore, config_hash, save_atomic
+
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def extraction_spec(cfg: DictConfig) -> dict[str, Any]:
+    """What determines the extracted activations (its hash names the folder)."""
+    m, d, e = cfg.model, cfg.data, cfg.extract
+    return {
+        "model": {k: m.get(k) for k in ("name", "source", "hub_id", "revision", "path")},
+        "data": {k: d.get(k) for k in ("name", "source", "path")},
+        "tokens": int(e.tokens),
+        "seq_len": int(e.seq_len),
+        "batch_size": int(e.batch_size),
+        "dtype": str(e.dtype),
+        "seed": int(cfg.seed),
+    }
+
+
+def extraction_dir(cfg: DictConfig) -> Path:
+    """`<extract.dir>/<hash of extraction_spec>`."""
+    return Path(cfg.extract.dir).expanduser() / config_hash(extraction_spec(cfg))
+
+
+class Capture:
+    """Attention function that records q, k, v per layer, then runs SDPA."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, module, query, key, value, attention_mask, **kw):
+        self.seen[module.layer_idx] = {
+            "q": query.detach().to("cpu", self.dtype),
+            "k": key.detach().to("cpu", self.dtype),
+            "v": value.detach().to("cpu", self.dtype),
+        }
+        return sdpa(module, query, key, value, attention_mask, **kw)
+
+
+def bytes_needed(n_seq: int, seq_len: int, geo: dict[str, int], dtype: torch.dtype) -> int:
+    per_token = geo["num_layers"] * (geo["num_heads"] + 2 * geo["num_kv_heads"]) * geo["head_dim"]
+    return n_seq * seq_len * per_token * torch.finfo(dtype).bits // 8
+
+
+def run(cfg: DictConfig, log=print) -> dict[str, Any]:
+    """Extract activations for `cfg`; returns the manifest (resumes finished chunks)."""
+    e = cfg.extract
+    if e.dtype not in STORE_DTYPES:
+        raise LessctlError(f"extract.dtype={e.dtype!r}; allowed: {', '.join(STORE_DTYPES)}")
+    store_dtype = STORE_DTYPES[e.dtype]
+    device = resolve_device(cfg.device)
+    model, tok = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device), seed=cfg.seed)
+    geo = attention_geometry(model)
+    if not attention_layers(model):
+        raise LessctlError(f"model {cfg.model.name} has no attention layers with o_proj to capture")
+    corpus = load_texts(cfg.data)
+    windows = token_windows(corpus.items, tok, int(e.seq_len), int(e.tokens))
+    if windows.shape[1] > geo["max_position_embeddings"] > 0:
+        raise LessctlError(
+            f"extract.seq_len={e.seq_len} exceeds the model's max_position_embeddings="
+            f"{geo['max_position_embeddings']}"
+        )
+    bs = int(e.batch_size)
+    chunks = [windows[i : i + bs] for i in range(0, len(windows), bs)]
+    store = ShardStore(extraction_dir(cfg))
+    done = set(store.done_chunks()) if store.manifest_path.exists() else set()
+    todo = [c for c in range(len(chunks)) if c not in done]
+    need = bytes_needed(sum(len(chunks[c]) for c in todo), windows.shape[1], geo, store_dtype)
+    store.root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(store.root).free
+    log(
+        f"extract → {store.root}: {len(windows)} sequences × {windows.shape[1]} tokens, "
+        f"{len(done)} chunks done, {len(todo)} to do, needs {need / 2**30:.2f} GiB "
+        f"(free {free / 2**30:.1f} GiB)"
+    )
+    if need > free:
+        raise LessctlError(
+            f"extraction needs {need / 2**30:.2f} GiB but {store.root} has {free / 2**30:.2f} GiB "
+            f"free; lower extract.tokens or set extract.dir"
+        )
+    manifest = {
+        "hash": store.root.name,
+        "spec": extraction_spec(cfg),
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "source": corpus.source,
+        "seq_len": int(windows.shape[1]),
+        "sequences": int(len(windows)),
+        "tokens": int(windows.numel()),
+        "chunks": len(chunks),
+        "dtype": e.dtype,
+        "geometry": geo,
+        "scaling": float(attention_layers(model)[0].scaling),
+    }
+    store.write_manifest(manifest)
+    o_proj = {}
+    for m in attention_layers(model):
+        for name, p in m.o_proj.named_parameters():
+            o_proj[f"layer_{m.layer_idx}.{name}"] = p.detach().to("cpu", torch.float32)
+    save_atomic(o_proj, store.root / "o_proj.safetensors")
+
+    capture = Capture(store_dtype)
+    cols = [
+        TextColumn("extract"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} seq"),
+        TextColumn("{task.fields[rate]:.0f} tok/s"),
+        TimeElapsedColumn(),
+    ]
+    t0, n_tok = time.perf_counter(), 0
+    with Progress(*cols, transient=False) as bar, use_attention(model, capture), torch.no_grad():
+        task = bar.add_task(
+            "extract",
+            total=len(windows),
+            completed=len(windows) - sum(len(chunks[c]) for c in todo),
+            rate=0.0,
+        )
+        for c in todo:
+            capture.seen.clear()
+            model(chunks[c].to(device), use_cache=False)
+            store.write_chunk(c, dict(capture.seen))
+            n_tok += chunks[c].numel()
+            bar.update(task, advance=len(chunks[c]), rate=n_tok / (time.perf_counter() - t0))
+    if len(store.done_chunks()) != len(chunks):
+        raise LessctlError(f"extraction at {store.root} is incomplete; run it again to resume")
+    return manifest

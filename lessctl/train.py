@@ -1,0 +1,362 @@
+"""`lessctl train`: fit φ/ψ of every layer independently on that layer's activation shards.
+
+Per layer (less-method.md §4): target = o_proj(full causal attention) from the stored q, k, v
+(fp32); prediction = o_proj(LESS attention) with the policy's evictions; MSE over rows t >=
+budget. The policy's `evict_at` and the sparse part (normalised output + log-sum-exp) do not
+depend on φ/ψ: they are computed once per chunk, written next to the checkpoint folder, and
+streamed back every epoch with q, k, v, so a step costs the kernels plus the O(S·R·d) state.
+
+Checkpoints: `<train.dir>/<hash>/layer_<i>.safetensors` (kernels + config) and
+`layer_<i>.json` (metrics); a layer with both is finished and skipped on a re-run, so an
+interrupted run resumes at the first unfinished layer, and Hydra multirun jobs over
+`train.layers` never write the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+
+from lessctl.config import resolve_device
+from lessctl.errors import LessctlError
+from lessctl.extract import extraction_dir
+from lessctl.less.attention import combine, low_rank_attention, sparse_attention
+from lessctl.less.kernels import KernelConfig, LayerKernels
+from lessctl.policies.budget import baseline_plus, build_policy
+from lessctl.shards import ShardError, ShardStore, config_hash, save_atomic, write_json_atomic
+
+
+def kernel_config(cfg: DictConfig, geo: dict[str, int]) -> KernelConfig:
+    lc = cfg.less
+    return KernelConfig(
+        num_heads=geo["num_heads"],
+        num_kv_heads=geo["num_kv_heads"],
+        head_dim=geo["head_dim"],
+        rank=int(lc.rank),
+        hidden=int(lc.hidden),
+        dropout=float(lc.dropout),
+        init_scale=float(lc.init_scale),
+        kind=str(lc.kind),
+        seed=int(lc.seed),
+    )
+
+
+def activations(cfg: DictConfig) -> ShardStore:
+    """The extraction that `cfg` names (train.activations, or the extraction hash of cfg)."""
+    root = Path(cfg.train.activations).expanduser() if cfg.train.activations else None
+    store = ShardStore(root or extraction_dir(cfg))
+    if not store.manifest_path.exists():
+        raise ShardError(
+            f"no activations at {store.root} for model={cfg.model.name} data={cfg.data.name} "
+            f"extract.tokens={cfg.extract.tokens} extract.seq_len={cfg.extract.seq_len}: "
+            f"run `lessctl extract` with the same overrides first"
+        )
+    man = store.manifest()
+    if man["model"] != cfg.model.name:
+        raise ShardError(
+            f"activations at {store.root} come from model {man['model']!r}, not "
+            f"model={cfg.model.name}; extract for this model or point train.activations elsewhere"
+        )
+    if root is None and man["hash"] != store.root.name:
+        raise ShardError(f"manifest hash {man['hash']} does not match folder {store.root}")
+    if not store.done_chunks():
+        raise ShardError(f"activation folder {store.root} holds no finished chunk")
+    return store
+
+
+def train_spec(cfg: DictConfig, man: dict[str, Any]) -> dict[str, Any]:
+    t = cfg.train
+    hyper = {
+        k: t[k]
+        for k in (
+            "epochs",
+            "batch_size",
+            "lr",
+            "step_size",
+            "gamma",
+            "val_fraction",
+            "max_train_sequences",
+        )
+    }
+    return {
+        "activations": man["hash"],
+        "policy": OmegaConf.to_container(cfg.policy, resolve=True),
+        "less": OmegaConf.to_container(cfg.less, resolve=True),
+        "train": hyper,
+        "seed": int(cfg.seed),
+    }
+
+
+def _layers(cfg: DictConfig, n_layers: int) -> list[int]:
+    sel = cfg.train.layers
+    if sel is None:
+        return list(range(n_layers))
+    sel = [int(sel)] if isinstance(sel, int | str) else [int(x) for x in sel]
+    bad = [i for i in sel if not 0 <= i < n_layers]
+    if bad:
+        raise LessctlError(f"train.layers has {bad[0]}; allowed: 0..{n_layers - 1}")
+    return sel
+
+
+def _o_proj(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[n, H, S, d] attention output -> [n, S, hidden] through the frozen o_proj."""
+    n, h, s, d = x.shape
+    return F.linear(x.transpose(1, 2).reshape(n, s, h * d), w["weight"], w.get("bias"))
+
+
+def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax attention in fp32, GQA-aware: [n,H,S,d]."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+class LayerData:
+    """Per-chunk precomputed tensors of one layer, cached on disk and streamed back."""
+
+    def __init__(
+        self, store: ShardStore, layer: int, policy, plus, scale: float, device, cache_dir: Path
+    ):
+        self.store, self.layer, self.scale, self.device = store, layer, scale, device
+        self.policy, self.plus, self.cache = policy, plus, cache_dir
+        self.w = {k: v.to(device) for k, v in store.o_proj(layer).items()}
+        if not self.w:
+            raise ShardError(f"o_proj weights of layer {layer} missing in {store.root}")
+
+    def _pre_path(self, chunk: int) -> Path:
+        return self.cache / f"chunk_{chunk:05d}.safetensors"
+
+    def load(self, chunk: int, want_plus: bool = False) -> dict[str, torch.Tensor]:
+        """q, k, v (fp32) + target, evict_at, sparse out/lse (+ Baseline+ output if asked)."""
+        raw = {
+            k: v.to(self.device, torch.float32)
+            for k, v in self.store.read(self.layer, chunk).items()
+        }
+        p = self._pre_path(chunk)
+        if p.exists():
+            pre = {k: v.to(self.device) for k, v in load_file(p).items()}
+        else:
+            q, k, v = raw["q"], raw["k"], raw["v"]
+            ev = self.policy.evict_at(q, k, self.scale)
+            out, lse = sparse_attention(q, k, v, ev, self.scale)
+            pre = {
+                "target": _o_proj(full_attention(q, k, v, self.scale), self.w),
+                "evict_at": ev,
+                "sparse_out": out,
+                "sparse_lse": lse,
+                "baseline": _o_proj(out, self.w),
+            }
+            ev_plus = self.plus.evict_at(q, k, self.scale)
+            pre["plus"] = _o_proj(sparse_attention(q, k, v, ev_plus, self.scale)[0], self.w)
+            save_atomic({k: t.cpu() for k, t in pre.items()}, p)
+        return {**raw, **pre}
+
+
+def _rows_mse(pred: torch.Tensor, target: torch.Tensor, start: int) -> torch.Tensor:
+    return F.mse_loss(pred[:, start:], target[:, start:])
+
+
+def train_layer(
+    cfg: DictConfig, store: ShardStore, layer: int, out_dir: Path, log=print
+) -> dict[str, Any]:
+    """Train one layer's kernels; returns its metrics (also written to layer_<i>.json)."""
+    t = cfg.train
+    man = store.manifest()
+    geo = man["geometry"]
+    device = resolve_device(cfg.device)
+    policy = build_policy(
+        cfg.policy, seq_len=man["seq_len"], max_position_embeddings=geo["max_position_embeddings"]
+    )
+    budget = policy.budget
+    if budget is None:
+        raise LessctlError("policy=full evicts nothing: there is nothing for LESS to learn")
+    plus = baseline_plus(policy, int(cfg.less.rank), geo["head_dim"])
+    kcfg = kernel_config(cfg, geo)
+    seed = int(cfg.seed) * 1000 + layer
+    torch.manual_seed(seed)
+    kern = LayerKernels(kcfg).to(device)
+    data = LayerData(
+        store,
+        layer,
+        policy,
+        plus,
+        man["scaling"],
+        device,
+        out_dir / "precomputed" / f"layer_{layer:03d}",
+    )
+
+    # (chunk, row) pairs; the last val_fraction of sequences validate
+    seqs = []
+    for c in store.done_chunks():
+        n = json.loads(store.marker(c).read_text())["sequences"]
+        seqs += [(c, i) for i in range(n)]
+    n_val = max(1, math.ceil(len(seqs) * float(t.val_fraction)))
+    if len(seqs) < 2:
+        raise LessctlError(f"{store.root} holds {len(seqs)} sequence(s); training needs >= 2")
+    train_seqs, val_seqs = seqs[:-n_val], seqs[-n_val:]
+    if t.max_train_sequences:
+        train_seqs = train_seqs[: int(t.max_train_sequences)]
+
+    def batches(items: list, shuffle: bool, rng: random.Random):
+        by_chunk: dict[int, list[int]] = {}
+        for c, i in items:
+            by_chunk.setdefault(c, []).append(i)
+        order = list(by_chunk)
+        if shuffle:
+            rng.shuffle(order)
+        for c in order:
+            rows = by_chunk[c]
+            if shuffle:
+                rng.shuffle(rows)
+            d = data.load(c)
+            for a in range(0, len(rows), int(t.batch_size)):
+                idx = torch.tensor(rows[a : a + int(t.batch_size)], device=device)
+                yield {k: v.index_select(0, idx) for k, v in d.items()}
+
+    def predict(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        phi, psi = kern.phi(b["q"]), kern.psi(b["k"])
+        num, den = low_rank_attention(phi, psi, b["v"], b["evict_at"])
+        return _o_proj(combine(b["sparse_out"], b["sparse_lse"], num, den), data.w)
+
+    def validate() -> dict[str, float]:
+        kern.eval()
+        sums = {"less": 0.0, "baseline": 0.0, "baseline_plus": 0.0}
+        n = 0
+        with torch.no_grad():
+            for b in batches(val_seqs, False, random.Random(0)):
+                k = b["q"].shape[0]
+                sums["less"] += _rows_mse(predict(b), b["target"], budget).item() * k
+                sums["baseline"] += _rows_mse(b["baseline"], b["target"], budget).item() * k
+                sums["baseline_plus"] += _rows_mse(b["plus"], b["target"], budget).item() * k
+                n += k
+        kern.train()
+        return {k: v / n for k, v in sums.items()}
+
+    opt = torch.optim.Adam(kern.parameters(), lr=float(t.lr))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(t.step_size), gamma=float(t.gamma))
+    rng = random.Random(seed)
+    first = validate()
+    best = {"val_mse": first["less"], "epoch": 0}
+    best_state = {k: v.detach().clone() for k, v in kern.state_dict().items()}
+    history, tok, t0, status = [], 0, time.perf_counter(), "finished"
+    for epoch in range(1, int(t.epochs) + 1):
+        losses = []
+        for b in batches(train_seqs, True, rng):
+            loss = _rows_mse(predict(b), b["target"], budget)
+            if not torch.isfinite(loss):
+                status = f"stopped: non-finite loss at epoch {epoch}"
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            tok += b["q"].shape[0] * b["q"].shape[2]
+        if status != "finished":
+            log(f"layer {layer}: {status}; keeping the best checkpoint so far")
+            break
+        sched.step()
+        val = validate()
+        rate = tok / (time.perf_counter() - t0)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_mse": sum(losses) / max(len(losses), 1),
+                "val_mse": val["less"],
+                "val_baseline_mse": val["baseline"],
+                "val_baseline_plus_mse": val["baseline_plus"],
+            }
+        )
+        log(
+            f"layer {layer:3d} epoch {epoch:3d}  train {history[-1]['train_mse']:.4e}  "
+            f"val LESS {val['less']:.4e}  Baseline {val['baseline']:.4e}  "
+            f"Baseline+ {val['baseline_plus']:.4e}  {rate:,.0f} tok/s"
+        )
+        if val["less"] < best["val_mse"]:
+            best = {"val_mse": val["less"], "epoch": epoch}
+            best_state = {k: v.detach().clone() for k, v in kern.state_dict().items()}
+    kern.load_state_dict(best_state)
+    kern.save(out_dir / f"layer_{layer:03d}.safetensors")
+    metrics = {
+        "layer": layer,
+        "status": status,
+        "policy": policy.name,
+        "budget": budget,
+        "budget_plus": plus.budget,
+        "best_epoch": best["epoch"],
+        "val_less_mse": best["val_mse"],
+        "val_baseline_mse": first["baseline"],
+        "val_baseline_plus_mse": first["baseline_plus"],
+        "val_untrained_mse": first["less"],
+        "train_sequences": len(train_seqs),
+        "val_sequences": len(val_seqs),
+        "tokens_per_s": tok / max(time.perf_counter() - t0, 1e-9),
+        "history": history,
+    }
+    write_json_atomic(out_dir / f"layer_{layer:03d}.json", metrics)
+    shutil.rmtree(out_dir / "precomputed" / f"layer_{layer:03d}", ignore_errors=True)
+    return metrics
+
+
+def checkpoint_dir(cfg: DictConfig, man: dict[str, Any]) -> Path:
+    return Path(cfg.train.dir).expanduser() / config_hash(train_spec(cfg, man))
+
+
+def run(cfg: DictConfig, log=print) -> tuple[Path, list[dict[str, Any]]]:
+    """Train every selected layer (skipping finished ones); returns (checkpoint dir, metrics)."""
+    store = activations(cfg)
+    man = store.manifest()
+    geo = man["geometry"]
+    # validate the policy against the extracted context before any work
+    policy = build_policy(
+        cfg.policy, seq_len=man["seq_len"], max_position_embeddings=geo["max_position_embeddings"]
+    )
+    out = checkpoint_dir(cfg, man)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        out / "manifest.json",
+        {
+            "spec": train_spec(cfg, man),
+            "model": man["model"],
+            "dataset": man["dataset"],
+            "source": man["source"],
+            "activations": str(store.root),
+            "policy": policy.name,
+            "budget": policy.budget,
+            "seq_len": man["seq_len"],
+            "geometry": geo,
+            "kernel": asdict(kernel_config(cfg, geo)),
+        },
+    )
+    results = []
+    for layer in _layers(cfg, geo["num_layers"]):
+        done = out / f"layer_{layer:03d}.json"
+        if done.exists() and (out / f"layer_{layer:03d}.safetensors").exists():
+            log(f"layer {layer}: already trained, skipping")
+            results.append(json.loads(done.read_text()))
+            continue
+        results.append(train_layer(cfg, store, layer, out, log))
+    return out, results
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[int, LayerKernels]]:
+    """A checkpoint folder's manifest and its trained layers' kernels."""
+    path = Path(path)
+    if not (path / "manifest.json").exists():
+        raise LessctlError(f"no LESS checkpoint at {path} (manifest.json missing)")
+    man = json.loads((path / "manifest.json").read_text())
+    kernels = {
+        int(p.stem.split("_")[1]): LayerKernels.load(p)
+        for p in sorted(path.glob("layer_*.safetensors"))
+    }
+    return man, kernels
