@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lessctl import extract as E
+from lessctl.cli import app
+from lessctl.hooks import attention_layers
+from lessctl.models import load_model
+from lessctl.shards import ShardError, ShardStore
+
+TEXT = " ".join(
+    f"Paragraph {i}: the river rose after the storm, and the village moved its boats to higher "
+    f"ground while the council argued about the bridge." for i in range(40)
+)
+
+
+@pytest.fixture
+def smoke(compose, tmp_path, monkeypatch):
+    """Smoke overrides with a private cache and a small real text file."""
+    monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "text.txt").write_text(TEXT)
+    overrides = ["experiment=smoke", f"data.path={tmp_path / 'text.txt'}"]
+    return overrides, compose(*overrides)
+
+
+def test_shards_hold_what_attention_sees(smoke):
+    overrides, cfg = smoke
+    man = E.run(cfg, log=lambda *_: None)
+    store = ShardStore(E.extraction_dir(cfg))
+    assert man["chunks"] == len(store.done_chunks()) == 6 and man["source"].startswith("file:")
+    model, _ = load_model(cfg.model, seed=cfg.seed)
+    outs = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o: outs.__setitem__(mod.layer_idx, o[0]))
+             for m in attention_layers(model)]
+    from lessctl.data import load_texts, token_windows
+    from lessctl.models import byte_tokenizer
+
+    x = token_windows(load_texts(cfg.data).items, byte_tokenizer(), 64, 1536)[:4]
+    with torch.no_grad():
+        model(x, use_cache=False)
+    for h in hooks:
+        h.remove()
+    from lessctl.train import _o_proj, full_attention
+
+    for layer in range(2):
+        s = store.read(layer, 0)
+        assert s["q"].shape == (4, 4, 64, 16) and s["k"].shape == (4, 2, 64, 16)
+        recon = _o_proj(full_attention(s["q"], s["k"], s["v"], man["scaling"]),
+                        store.o_proj(layer))
+        torch.testing.assert_close(recon, outs[layer], atol=1e-4, rtol=1e-4)
+
+
+def test_resume_redoes_only_the_unfinished_chunk(smoke):
+    _, cfg = smoke
+    E.run(cfg, log=lambda *_: None)
+    store = ShardStore(E.extraction_dir(cfg))
+    # simulate a kill during chunk 3: marker never written, a shard half-written
+    store.marker(3).unlink()
+    store.shard(1, 3).write_bytes(store.shard(1, 3).read_bytes()[:100])
+    before = {c: store.shard(0, c).stat().st_mtime_ns for c in range(6)}
+    with pytest.raises(ShardError, match="not complete"):
+        store.read(1, 3)
+    E.run(cfg, log=lambda *_: None)
+    after = {c: store.shard(0, c).stat().st_mtime_ns for c in range(6)}
+    assert [c for c in range(6) if before[c] != after[c]] == [3]
+    assert store.read(1, 3)["q"].shape[0] == 4
+
+
+def test_corrupt_shard_is_named(smoke):
+    _, cfg = smoke
+    E.run(cfg, log=lambda *_: None)
+    store = ShardStore(E.extraction_dir(cfg))
+    p = store.shard(1, 2)
+    p.write_bytes(p.read_bytes()[:-10])
+    with pytest.raises(ShardError, match=str(p.name)):
+        store.read(1, 2)
+
+
+def test_disk_estimate_and_bad_dtype(smoke, compose):
+    overrides, _ = smoke
+    with pytest.raises(Exception, match="extract.dtype"):
+        E.run(compose(*overrides, "extract.dtype=int8"), log=lambda *_: None)
+    geo = {"num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64}
+    assert E.bytes_needed(1, 1, geo, torch.float16) == 30 * 15 * 64 * 2
+
+
+def test_cli_extract_records_run(smoke):
+    overrides, cfg = smoke
+    res = CliRunner().invoke(app, ["extract", *overrides])
+    assert res.exit_code == 0, res.output
+    [meta] = list((__import__("pathlib").Path("results/runs/extract")).glob("*/meta.json"))
+    assert json.loads(meta.read_text())["status"] == "finished"

@@ -1,0 +1,94 @@
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from lessctl import extract as E
+from lessctl import train as T
+from lessctl.cli import app
+from lessctl.shards import ShardError
+
+from .test_extract import TEXT
+
+
+@pytest.fixture
+def extracted(compose, tmp_path, monkeypatch):
+    monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "text.txt").write_text(TEXT)
+    overrides = ["experiment=smoke", f"data.path={tmp_path / 'text.txt'}"]
+    E.run(compose(*overrides), log=lambda *_: None)
+    return overrides
+
+
+def test_two_layer_training_loss_falls_and_beats_baselines(extracted, compose):
+    out, metrics = T.run(compose(*extracted, "train.epochs=6"), log=lambda *_: None)
+    assert [m["layer"] for m in metrics] == [0, 1]
+    for m in metrics:
+        h = m["history"]
+        assert h[-1]["train_mse"] < h[0]["train_mse"]
+        assert m["val_less_mse"] < m["val_untrained_mse"]
+        assert (out / f"layer_{m['layer']:03d}.safetensors").exists()
+    man, kernels = T.load_checkpoint(out)
+    assert sorted(kernels) == [0, 1] and man["policy"] == "lambda"
+
+
+def test_resume_skips_finished_layers(extracted, compose):
+    logs = []
+    T.run(compose(*extracted, "train.layers=[0]", "train.epochs=1"), log=logs.append)
+    out, metrics = T.run(compose(*extracted, "train.epochs=1"), log=logs.append)
+    assert any("layer 0: already trained" in m for m in logs)
+    assert len(metrics) == 2
+
+
+def test_h2o_trains(extracted, compose):
+    _, metrics = T.run(compose(*extracted, "policy=h2o", "policy.budget.size=16",
+                               "policy.budget.of=sequence", "train.epochs=2"), log=lambda *_: None)
+    assert all(m["policy"] == "h2o" and m["budget"] == 16 for m in metrics)
+
+
+def test_bad_inputs_are_one_line(extracted, compose, tmp_path):
+    with pytest.raises(ValueError, match="exceeds the context"):
+        T.run(compose(*extracted, "policy.budget.size=65"), log=lambda *_: None)
+    with pytest.raises(Exception, match="train.layers has 7"):
+        T.run(compose(*extracted, "train.layers=[7]"), log=lambda *_: None)
+    with pytest.raises(ShardError, match="run `lessctl extract`"):
+        T.run(compose(*extracted, "extract.tokens=999"), log=lambda *_: None)
+    # shards of another model
+    src = E.extraction_dir(compose(*extracted))
+    other = tmp_path / "other"
+    shutil.copytree(src, other)
+    man = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**man, "model": "llama2-7b"}))
+    with pytest.raises(ShardError, match="come from model 'llama2-7b'"):
+        T.run(compose(*extracted, f"train.activations={other}"), log=lambda *_: None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ShardError, match="manifest.json|no activations"):
+        T.run(compose(*extracted, f"train.activations={empty}"), log=lambda *_: None)
+
+
+def test_non_finite_loss_stops_layer_keeps_others(extracted, compose):
+    _, metrics = T.run(compose(*extracted, "train.lr=1e30", "train.epochs=3"), log=lambda *_: None)
+    assert len(metrics) == 2
+    assert any(m["status"].startswith("stopped: non-finite") for m in metrics)
+
+
+def test_cli_train_prints_table_and_error(extracted):
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", *extracted, "train.epochs=1"])
+    assert res.exit_code == 0, res.output
+    assert "Baseline+" in res.output and "LESS" in res.output
+    res = runner.invoke(app, ["train", *extracted, "policy=nope"])
+    assert res.exit_code == 2 and "allowed" in res.output
+
+
+def test_multirun_fans_out_layers_with_joblib(extracted, compose):
+    res = CliRunner().invoke(app, ["train", "-m", *extracted, "train.epochs=1",
+                                   "train.layers=0,1", "hydra/launcher=joblib",
+                                   "hydra.launcher.n_jobs=2"])
+    assert res.exit_code == 0, res.output
+    out = T.checkpoint_dir(compose(*extracted, "train.epochs=1"),
+                           json.loads((E.extraction_dir(compose(*extracted)) /
+                                       "manifest.json").read_text()))
+    assert (out / "layer_000.json").exists() and (out / "layer_001.json").exists()
