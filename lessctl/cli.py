@@ -195,6 +195,27 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> None:
     console.print(table)
 
 
+@app.command(name="eval", context_settings=EXTRA)
+def eval_(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
+    """Evaluate Full / Baseline / Baseline+ / LESS / Performer: `task=<data option>` picks
+    perplexity (text corpora) or summarisation ROUGE (cnndm, xsum, multinews)."""
+    overrides = [("data=" + o.split("=", 1)[1]) if o.startswith("task=") else o
+                 for o in (overrides or [])]
+    cfg = compose(overrides, print_cfg)
+    if cfg is None:
+        return
+    from lessctl.evaluate import run as run_eval
+
+    run = _stage_run("eval", overrides, cfg)
+    try:
+        rows = run_stage(run_eval, cfg, run, log=console.print)
+    except BaseException:
+        run.finish("failed")
+        raise
+    run.finish()
+    console.print(f"{len(rows)} rows → {run.path / 'rows.jsonl'}")
+
+
 JOBS: dict[str, Callable[[DictConfig, list[str]], None]] = {"train": train_job}
 
 

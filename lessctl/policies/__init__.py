@@ -1,0 +1,40 @@
+"""Sparse eviction policies (see :mod:`lessctl.policies.base` for the shared semantics).
+
+Registry: ``POLICIES`` (name -> class), ``register`` (class decorator), ``get_policy(name,
+**params)``. Config: :func:`build_policy`, :func:`baseline_plus`.
+"""
+
+from lessctl.policies.base import (
+    POLICIES,
+    Policy,
+    get_policy,
+    group_probs,
+    keep_mask,
+    register,
+    sequential_evict_at,
+)
+from lessctl.policies.budget import baseline_plus, build_policy
+from lessctl.policies.full import Full
+from lessctl.policies.h2o import H2O
+from lessctl.policies.lambda_mask import LambdaMask
+from lessctl.policies.random_policy import RandomPolicy
+from lessctl.policies.recent import Recent
+from lessctl.policies.tova import TOVA
+
+__all__ = [
+    "H2O",
+    "POLICIES",
+    "TOVA",
+    "Full",
+    "LambdaMask",
+    "Policy",
+    "RandomPolicy",
+    "Recent",
+    "baseline_plus",
+    "build_policy",
+    "get_policy",
+    "group_probs",
+    "keep_mask",
+    "register",
+    "sequential_evict_at",
+]

@@ -1,0 +1,77 @@
+"""Recurrent form of LESS attention, for a real-eviction KV cache during decoding.
+
+A :class:`LowRankState` holds, per (b, h_kv), ``H = sum psi(k_j)^T v_j`` [R,d] and
+``z = sum psi(k_j)`` [R] over the evicted tokens (fp32). :func:`step_attention` attends one or a
+few new queries to the kept K/V plus the state, with the same log-space numerics as
+:func:`lessctl.less.attention.parallel_attention` (which it equals row by row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lessctl.less.attention import F32, _grouped, combine, kept_attention
+
+
+@dataclass
+class LowRankState:
+    """H [B,Hkv,R,d] and z [B,Hkv,R], fp32."""
+
+    H: Tensor
+    z: Tensor
+
+    @classmethod
+    def zeros(
+        cls,
+        batch: int,
+        num_kv_heads: int,
+        rank: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+    ) -> LowRankState:
+        """An empty state (nothing evicted)."""
+        return cls(
+            torch.zeros(batch, num_kv_heads, rank, head_dim, dtype=F32, device=device),
+            torch.zeros(batch, num_kv_heads, rank, dtype=F32, device=device),
+        )
+
+    def absorb(self, psi_k: Tensor, v: Tensor, mask: Tensor | None = None) -> LowRankState:
+        """Add evicted tokens: psi_k [B,Hkv,n,R], v [B,Hkv,n,d], mask [B,Hkv,n] (True = add)."""
+        w = psi_k.to(F32)
+        if mask is not None:
+            w = w * mask[..., None]
+        self.H = self.H + torch.einsum("bknr,bknd->bkrd", w, v.to(F32))
+        self.z = self.z + w.sum(2)
+        return self
+
+    def read(self, phi_q: Tensor) -> tuple[Tensor, Tensor]:
+        """phi_q [B,H,T,R] -> (phi H [B,H,T,d], phi z [B,H,T])."""
+        b, h, t, _ = phi_q.shape
+        ph = _grouped(phi_q.to(F32), self.H.shape[1])
+        num = torch.einsum("bkgtr,bkrd->bkgtd", ph, self.H).reshape(b, h, t, -1)
+        den = torch.einsum("bkgtr,bkr->bkgt", ph, self.z).reshape(b, h, t)
+        return num, den
+
+
+def step_attention(
+    q: Tensor,
+    k_kept: Tensor,
+    v_kept: Tensor,
+    phi_q: Tensor | None = None,
+    state: LowRankState | None = None,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """New queries against kept K/V plus the state -> [B,H,T,d] in q's dtype.
+
+    q [B,H,T,d], k_kept/v_kept [B,Hkv,n,d], phi_q [B,H,T,R] or None (no state),
+    mask (True = attend) broadcastable to [B,Hkv,T,n].
+    """
+    out, lse = kept_attention(q, k_kept, v_kept, mask, scale)
+    if phi_q is None or state is None:
+        return out.to(q.dtype)
+    num, den = state.read(phi_q)
+    return combine(out, lse, num, den).to(q.dtype)

@@ -1,0 +1,69 @@
+"""Teacher-forced perplexity in the paper's protocol (less-method.md §5).
+
+The text is cut into windows of `eval.window` tokens; every row of every window sees only what
+the policy keeps (plus the LESS state), through a registered attention function on the
+unmodified model. Token-level perplexity = exp(Σ NLL / predicted tokens); word-level
+perplexity = exp(Σ NLL / words), words counted by whitespace in the decoded windows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from lessctl.data import load_texts, token_windows
+from lessctl.hooks import use_attention
+from lessctl.methods import Method, ParallelAttention
+
+
+def window_nll(model, windows: torch.Tensor) -> tuple[float, int]:
+    """Σ NLL (nats) and the number of predicted tokens over `[N, W]` windows, one at a time."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            x = w[None].to(model.device)
+            logits = model(x, use_cache=False).logits.float()
+            nll = F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
+            total += nll.item()
+            count += x.shape[1] - 1
+    return total, count
+
+
+def method_nll(model, windows: torch.Tensor, method: Method) -> tuple[float, int]:
+    """Σ NLL and token count with `method` applied to every layer (full: the model as is)."""
+    if method.name == "full":
+        return window_nll(model, windows)
+    with use_attention(model, ParallelAttention(method.policy, method.kernels)):
+        return window_nll(model, windows)
+
+
+def count_words(tokenizer, windows: torch.Tensor) -> int:
+    return sum(len(tokenizer.decode(w, skip_special_tokens=True).split()) for w in windows)
+
+
+def run(cfg: DictConfig, model, tokenizer, methods: list[Method], log=print) -> list[dict[str, Any]]:
+    """Perplexity rows: per method `ppl_token` and `ppl_word` (with tokens and words)."""
+    e = cfg.eval
+    corpus = load_texts(cfg.data)
+    windows = token_windows(corpus.items, tokenizer, int(e.window),
+                            int(e.window) * int(e.windows) if e.windows else None)
+    words = count_words(tokenizer, windows)
+    rows = []
+    for m in methods:
+        t0 = time.perf_counter()
+        nll, n = method_nll(model, windows, m)
+        base = {"task": "perplexity", "model": cfg.model.name, "dataset": cfg.data.name,
+                "source": corpus.source, "method": m.name, "policy": cfg.policy.name,
+                "budget": m.policy.budget, "window": int(e.window), "checkpoint": m.checkpoint,
+                "tokens": n, "words": words, "windows": len(windows)}
+        ppl_t, ppl_w = math.exp(nll / n), math.exp(nll / words)
+        rows += [{**base, "metric": "ppl_token", "value": ppl_t},
+                 {**base, "metric": "ppl_word", "value": ppl_w}]
+        log(f"{cfg.data.name:10s} {m.name:14s} budget={m.policy.budget}  ppl(token) {ppl_t:8.3f}"
+            f"  ppl(word) {ppl_w:8.3f}  ({time.perf_counter() - t0:.0f}s)")
+    return rows

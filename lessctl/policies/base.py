@@ -1,0 +1,179 @@
+"""Eviction policies: shared semantics, the registry and the sequential driver.
+
+Semantics (every policy, both faces):
+
+- Eviction is permanent. A policy's decision over a sequence of S tokens is
+  ``evict_at[b, h_kv, j]`` (int64, ``[B, Hkv, S]``): the first query row at which key ``j`` is
+  no longer kept (``S`` = never). Key ``j`` is kept for row ``t`` iff ``j <= t < evict_at[j]``;
+  a key is never evicted at its own row (``evict_at[j] >= j + 1``).
+- With a budget of ``n`` tokens, rows ``t < n`` keep all ``t + 1`` keys; at every row ``t >= n``
+  exactly one key is evicted, so every row past the budget keeps exactly ``n`` keys.
+- "Evict, then attend": the decision at row ``t`` is made before row ``t`` attends. It may use
+  the current query ``q_t`` (TOVA) and the attention accumulated by rows ``< t`` (H2O), never
+  anything after row ``t``.
+- Selection is per KV head. With grouped-query attention (H query heads, Hkv KV heads, group
+  ``g = H // Hkv``; query head ``h`` belongs to KV head ``h // g``) attention probabilities are
+  summed over the query heads of the group. Logits are ``q_t . k_j * scale``, scale defaults to
+  ``1 / sqrt(d)``. Ties go to the lowest score, then to the earliest position.
+
+Two faces that agree exactly:
+
+1. parallel: ``policy.evict_at(q [B,H,S,d], k [B,Hkv,S,d], scale=None) -> [B,Hkv,S]``.
+2. online (a real-eviction KV cache, decode row ``t >= budget``): the cache holds ``n = budget``
+   kept keys per (b, h_kv) and appends the new key ``t`` as the last candidate, then calls
+   ``slot = policy.select_evict(t, positions, acc_scores, probs_now)`` with
+
+   - ``positions [B,Hkv,n+1]`` long: candidate positions, ``positions[..., -1] == t``;
+     the order of the other slots is free (ties are broken by position, not slot);
+   - ``acc_scores [B,Hkv,n+1]`` (only read when ``policy.accumulates``): the running sum, over
+     rows ``< t``, of each candidate's attention probability over that row's kept set (summed
+     over the group's query heads); 0 for the new key;
+   - ``probs_now [B,Hkv,n+1]`` (only read when ``policy.needs_probs``): the probability of each
+     candidate under the current query ``q_t`` over all ``n + 1`` candidates, summed over the
+     group's query heads (see :func:`group_probs`);
+
+   and gets ``slot [B,Hkv]`` in ``[0, n)``: the candidate to evict (never the new key). After
+   row ``t`` attends over the ``n`` remaining keys, a cache for an accumulating policy adds that
+   row's probabilities over its kept keys (summed over the group) to their ``acc_scores``;
+   the evicted key's score is dropped forever. :func:`sequential_evict_at` is exactly this loop.
+
+``keep_mask(evict_at)`` expands a decision to a dense ``[B,Hkv,S,S]`` mask (tests, small S).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+POLICIES: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    """Class decorator: register a policy class under ``cls.name``."""
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def get_policy(name: str, **params: object) -> Policy:
+    """Build the registered policy ``name`` with ``params`` (e.g. ``get_policy("h2o", heavy=8,
+    recent=8)``); unknown names raise a one-line ValueError listing the allowed ones."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; allowed: {', '.join(sorted(POLICIES))}")
+    return POLICIES[name](**params)
+
+
+def default_scale(d: int, scale: float | None) -> float:
+    """The logit scale: ``scale`` or ``1 / sqrt(d)``."""
+    return 1.0 / math.sqrt(d) if scale is None else scale
+
+
+def group_probs(
+    q: Tensor, k: Tensor, scale: float | None = None, mask: Tensor | None = None
+) -> Tensor:
+    """Softmax of ``q`` over keys ``k``, summed over each KV group's query heads (fp32 or wider).
+
+    q [B,H,T,d], k [B,Hkv,n,d], mask (True = attend) broadcastable to [B,Hkv,1,T,n]
+    -> [B,Hkv,T,n].
+    """
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    qg = q.to(dt).view(b, hkv, h // hkv, t, d)
+    s = torch.einsum("bkgtd,bknd->bkgtn", qg, k.to(dt)) * default_scale(d, scale)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return s.softmax(-1).sum(2)
+
+
+def keep_mask(evict_at: Tensor) -> Tensor:
+    """Dense keep mask: evict_at [B,Hkv,S] -> bool [B,Hkv,S(row t),S(key j)], j <= t < evict_at."""
+    s = evict_at.shape[-1]
+    t = torch.arange(s, device=evict_at.device)
+    return (t[None, :] <= t[:, None]) & (t[:, None] < evict_at[..., None, :])
+
+
+def never_evicted(k: Tensor) -> Tensor:
+    """evict_at for "keep everything": k [B,Hkv,S,d] -> [B,Hkv,S] filled with S."""
+    b, hkv, s = k.shape[:3]
+    return torch.full((b, hkv, s), s, dtype=torch.long, device=k.device)
+
+
+def argmin_earliest(scores: Tensor, positions: Tensor) -> Tensor:
+    """Slot of the lowest score, ties to the earliest position: [...,m], [...,m] -> [...] long."""
+    low = scores == scores.min(-1, keepdim=True).values
+    return torch.where(low, positions, torch.iinfo(torch.long).max).argmin(-1)
+
+
+class Policy:
+    """Base of all policies (subclasses are small frozen dataclasses).
+
+    ``name``: registry key. ``budget``: total kept tokens ``n`` per (b, h_kv), or ``None`` for
+    "never evict" (``full``). ``accumulates``: the online cache must keep ``acc_scores``
+    (H2O). ``needs_probs``: ``select_evict`` reads ``probs_now`` (TOVA).
+    """
+
+    name: ClassVar[str]
+    accumulates: ClassVar[bool] = False
+    needs_probs: ClassVar[bool] = False
+    budget: int | None  # a dataclass field or a property in each subclass
+
+    def select_evict(
+        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+    ) -> Tensor:
+        """Online face (see module doc): candidates [B,Hkv,n+1] -> slot to evict [B,Hkv]."""
+        raise NotImplementedError
+
+    def evict_at(self, q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
+        """Parallel face: q [B,H,S,d], k [B,Hkv,S,d] -> evict_at [B,Hkv,S] long."""
+        return sequential_evict_at(self, q, k, scale)
+
+    def with_extra(self, extra: int) -> Policy:
+        """The same policy with ``extra`` more budget tokens (Baseline+)."""
+        raise NotImplementedError
+
+    def replace(self, **changes: object) -> Policy:
+        """dataclasses.replace for policies."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def sequential_evict_at(policy: Policy, q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
+    """Run the online face over a whole sequence, vectorised over batch and heads.
+
+    Keeps budget-sized buffers (n kept + 1 new slot) of positions, keys and scores per
+    (b, h_kv): O(S * n * d), no S x S mask. q [B,H,S,d], k [B,Hkv,S,d] -> evict_at [B,Hkv,S].
+    """
+    b, hkv, s, d = k.shape
+    n = policy.budget
+    out = never_evicted(k)
+    if n is None or n >= s:
+        return out
+    dt = torch.promote_types(k.dtype, torch.float32)
+    qg = q.to(dt).view(b, hkv, -1, s, d) * default_scale(d, scale)  # [B,Hkv,g,S,d]
+    kt_all = k.to(dt).transpose(-1, -2)  # [B,Hkv,d,S]
+    kbuf = kt_all[..., : n + 1].clone(
+        memory_format=torch.contiguous_format
+    )  # [B,Hkv,d,n+1]; slot n holds the new key
+    pos = torch.arange(n + 1, device=k.device).expand(b, hkv, n + 1).contiguous()
+    acc = torch.zeros(b, hkv, n + 1, dtype=dt, device=k.device)
+    if policy.accumulates:  # rows < n attend causally over the first n keys
+        causal = torch.ones(n, n, dtype=torch.bool, device=k.device).tril()
+        logits = (qg[..., :n, :] @ kbuf[:, :, None, :, :n]).masked_fill(~causal, float("-inf"))
+        acc[..., :n] = logits.softmax(-1).sum((2, 3))
+    for t in range(n, s):
+        kbuf[..., n] = kt_all[..., t]
+        pos[..., n] = t
+        acc[..., n] = 0.0
+        qt = qg[..., t : t + 1, :]  # [B,Hkv,g,1,d]
+        probs = (qt @ kbuf[:, :, None]).softmax(-1).sum((2, 3)) if policy.needs_probs else None
+        slot = policy.select_evict(t, pos, acc if policy.accumulates else None, probs)[..., None]
+        out.scatter_(-1, pos.gather(-1, slot), t)
+        pos.scatter_(-1, slot, t)  # the new key takes the evicted slot
+        kbuf.scatter_(-1, slot[..., None, :].expand(b, hkv, d, 1), kt_all[..., t : t + 1])
+        if policy.accumulates:
+            acc.scatter_(-1, slot, 0.0)
+            acc[..., :n] += (qt @ kbuf[:, :, None, :, :n]).softmax(-1).sum((2, 3))
+    return out

@@ -1,0 +1,92 @@
+"""Budgets: build a policy from its config (``conf/policy/<name>.yaml``) and Baseline+.
+
+Config schema (a mapping)::
+
+    name: h2o                       # one of POLICIES
+    budget:
+      size: 0.05                    # int >= 1: tokens; float in (0, 1): fraction of `of`
+      of: max_position_embeddings   # or: sequence (the evaluated sequence length)
+    heavy_ratio: 0.5                # h2o: share of the budget for heavy hitters (rest recent)
+    sink: 4                         # lambda: sink tokens (rest recent)
+    seed: 0                         # random
+
+Fractions follow the official LESS code: ``int(size * ref)``; for h2o each part separately,
+``heavy = int(size * heavy_ratio * ref)``, ``recent = int(size * (1 - heavy_ratio) * ref)``
+(Llama 2 7B "5% H2O" = 102 heavy + 102 recent). Integer sizes split as
+``heavy = int(size * heavy_ratio)``, ``recent = size - heavy``. ``full`` takes no budget.
+Bad values raise a one-line ValueError naming the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lessctl.policies.base import POLICIES, Policy, get_policy
+
+REFERENCES = ("max_position_embeddings", "sequence")
+
+
+def _fraction_or_tokens(size: Any) -> None:
+    ok_int = isinstance(size, int) and not isinstance(size, bool) and size >= 1
+    ok_float = isinstance(size, float) and 0.0 < size < 1.0
+    if not (ok_int or ok_float):
+        raise ValueError(
+            f"policy budget.size={size!r} is invalid; allowed: an int >= 1 (tokens) "
+            "or a float in (0, 1) (fraction of budget.of)"
+        )
+
+
+def _resolve(size: int | float, ref: int, share: float = 1.0) -> int:
+    """Tokens for ``share`` of a budget: int sizes are tokens, floats fractions of ``ref``."""
+    return int(size * share) if isinstance(size, int) else int(size * share * ref)
+
+
+def build_policy(cfg: Mapping[str, Any], *, seq_len: int, max_position_embeddings: int) -> Policy:
+    """Resolve a policy config to a policy with integer budgets (see module doc)."""
+    name = cfg.get("name")
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy name {name!r}; allowed: {', '.join(sorted(POLICIES))}")
+    if name == "full":
+        return get_policy("full")
+    b = cfg.get("budget")
+    if not isinstance(b, Mapping) or "size" not in b:
+        raise ValueError(f"policy {name!r} needs budget.size (an int >= 1 or a float in (0, 1))")
+    size, of = b["size"], b.get("of", "max_position_embeddings")
+    _fraction_or_tokens(size)
+    if of not in REFERENCES:
+        raise ValueError(f"policy budget.of={of!r} is invalid; allowed: {', '.join(REFERENCES)}")
+    ref = max_position_embeddings if of == "max_position_embeddings" else seq_len
+    total = _resolve(size, ref)
+    if name == "h2o":
+        r = cfg.get("heavy_ratio", 0.5)
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"policy heavy_ratio={r!r} is invalid; allowed: a float in [0, 1]")
+        heavy = _resolve(size, ref, r)
+        recent = total - heavy if isinstance(size, int) else _resolve(size, ref, 1.0 - r)
+        total = heavy + recent
+    if total < 1:
+        raise ValueError(f"policy budget {size!r} of {of} ({ref}) gives {total} tokens; need >= 1")
+    if total > seq_len:
+        raise ValueError(
+            f"policy budget of {total} tokens exceeds the context of {seq_len} tokens; "
+            f"allowed: 1..{seq_len}"
+        )
+    if name == "h2o":
+        return get_policy("h2o", heavy=heavy, recent=recent)
+    if name == "lambda":
+        sink = cfg.get("sink", 4)
+        if not isinstance(sink, int) or not 0 <= sink < total:
+            raise ValueError(f"policy sink={sink!r} is invalid; allowed: an int in [0, {total})")
+        return get_policy("lambda", sink=sink, recent=total - sink)
+    if name == "random":
+        return get_policy("random", budget=total, seed=int(cfg.get("seed", 0)))
+    return get_policy(name, budget=total)
+
+
+def baseline_plus(policy: Policy, rank: int, head_dim: int) -> Policy:
+    """Baseline+: ``policy`` with the tokens a rank-``rank`` state costs,
+    ``round((rank * head_dim + rank) / (2 * head_dim))`` (R=8, d=128: +4; h2o 2 heavy + 2 recent,
+    lambda to recent, others to budget; ``full`` unchanged)."""
+    extra = round((rank * head_dim + rank) / (2 * head_dim))
+    return policy.with_extra(extra)

@@ -1,0 +1,53 @@
+"""``h2o`` (Heavy-Hitter Oracle): keep the last ``recent`` keys (the current one included) plus
+the ``heavy`` keys with the largest accumulated attention; ``budget = heavy + recent``.
+
+Key ``j``'s score at row ``t`` is the sum over rows ``r < t`` of row ``r``'s softmax probability
+of ``j`` over row ``r``'s kept set (sparse only, no low-rank state), summed over the KV group's
+query heads. At row ``t >= n`` the candidates are ``kept(t-1) + {t}``; the window is keys
+``t-recent+1 .. t``; among the other candidates (the heavy set and the key just leaving the
+window) the lowest score is evicted (ties: earliest position) and its score is gone forever.
+
+Parallel face: :func:`~lessctl.policies.base.sequential_evict_at` (budget-sized buffer per
+(b, h_kv), O(S * n * d), no S x S mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lessctl.policies.base import Policy, argmin_earliest, register
+
+
+@register
+@dataclass(frozen=True)
+class H2O(Policy):
+    """Heavy hitters + recent window (``heavy, recent >= 0``, ``heavy + recent >= 1``)."""
+
+    heavy: int = 32
+    recent: int = 32
+    name: ClassVar[str] = "h2o"
+    accumulates: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.heavy < 0 or self.recent < 0 or self.heavy + self.recent < 1:
+            raise ValueError(f"h2o needs heavy, recent >= 0 and >= 1 in all; got {self}")
+
+    @property
+    def budget(self) -> int:  # type: ignore[override]
+        return self.heavy + self.recent
+
+    def select_evict(
+        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+    ) -> Tensor:
+        """Lowest accumulated score outside the window: [B,Hkv,n+1] -> slot [B,Hkv]."""
+        assert acc_scores is not None, "h2o needs acc_scores"
+        old, pos = acc_scores[..., :-1], positions[..., :-1]
+        in_window = pos > t - self.recent
+        return argmin_earliest(old.masked_fill(in_window, torch.inf), pos)
+
+    def with_extra(self, extra: int) -> H2O:
+        return H2O(self.heavy + extra // 2, self.recent + extra - extra // 2)

@@ -1,0 +1,61 @@
+"""``lambda`` (Λ-masking, StreamingLLM / LM-Infinite): keep the first ``sink`` tokens and the
+last ``recent`` tokens (the current one included); ``budget = sink + recent``.
+
+Closed form: ``evict_at[j] = S`` for ``j < sink``, else ``min(j + recent, S)``: at row ``t >= n``
+the key ``t - recent`` leaves the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lessctl.policies.base import Policy, register
+
+
+def window_evict_at(k: Tensor, sink: int, recent: int) -> Tensor:
+    """Sink + sliding window decision: k [B,Hkv,S,d] -> evict_at [B,Hkv,S] long."""
+    b, hkv, s = k.shape[:3]
+    j = torch.arange(s, device=k.device)
+    e = torch.where(j < sink, s, (j + recent).clamp(max=s))
+    return e.expand(b, hkv, s).contiguous()
+
+
+def window_select(positions: Tensor, sink: int) -> Tensor:
+    """Evict the earliest non-sink old candidate: positions [B,Hkv,n+1] -> slot [B,Hkv]."""
+    old = positions[..., :-1]
+    big = torch.iinfo(torch.long).max
+    return torch.where(old < sink, big, old).argmin(-1)
+
+
+@register
+@dataclass(frozen=True)
+class LambdaMask(Policy):
+    """Keep ``sink`` first tokens + ``recent`` last tokens (``recent >= 1``)."""
+
+    sink: int = 4
+    recent: int = 64
+    name: ClassVar[str] = "lambda"
+
+    def __post_init__(self) -> None:
+        if self.sink < 0 or self.recent < 1:
+            raise ValueError(f"lambda needs sink >= 0 and recent >= 1; got {self}")
+
+    @property
+    def budget(self) -> int:  # type: ignore[override]
+        return self.sink + self.recent
+
+    def evict_at(self, q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
+        """q [B,H,S,d], k [B,Hkv,S,d] -> evict_at [B,Hkv,S] (closed form)."""
+        return window_evict_at(k, self.sink, self.recent)
+
+    def select_evict(
+        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+    ) -> Tensor:
+        return window_select(positions, self.sink)
+
+    def with_extra(self, extra: int) -> LambdaMask:
+        return LambdaMask(self.sink, self.recent + extra)

@@ -1,0 +1,39 @@
+"""``tova`` (Token Omission Via Attention): at row ``t >= n`` evict, among ``kept(t-1)`` (never
+the new key ``t``), the key with the lowest attention probability from the current query
+``q_t`` over the candidates ``kept(t-1) + {t}``, summed over the KV group's query heads.
+
+Parallel face: :func:`~lessctl.policies.base.sequential_evict_at` (O(S * n * d)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from lessctl.policies.base import Policy, argmin_earliest, register
+
+
+@register
+@dataclass(frozen=True)
+class TOVA(Policy):
+    """Keep the ``budget`` keys the current query attends to most."""
+
+    budget: int = 64  # type: ignore[misc]
+    name: ClassVar[str] = "tova"
+    needs_probs: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.budget < 1:
+            raise ValueError(f"tova needs budget >= 1, got {self.budget}")
+
+    def select_evict(
+        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+    ) -> Tensor:
+        """Lowest current probability among old candidates: [B,Hkv,n+1] -> slot [B,Hkv]."""
+        assert probs_now is not None, "tova needs probs_now"
+        return argmin_earliest(probs_now[..., :-1], positions[..., :-1])
+
+    def with_extra(self, extra: int) -> TOVA:
+        return TOVA(self.budget + extra)

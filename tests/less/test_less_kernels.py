@@ -1,0 +1,72 @@
+"""phi/psi kernels: architecture, init, save/load, Performer approximation, untrained ~ sparse."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lessctl.less import KernelConfig, LayerKernels, parallel_attention
+from lessctl.policies import H2O
+
+
+def test_learned_shapes_init_and_positivity():
+    cfg = KernelConfig(num_heads=6, num_kv_heads=2, head_dim=16, rank=4, hidden=32)
+    m = LayerKernels(cfg).eval()
+    q, k = torch.randn(2, 6, 10, 16), torch.randn(2, 2, 10, 16)
+    pq, pk = m.phi(q), m.psi(k)
+    assert pq.shape == (2, 6, 10, 4) and pk.shape == (2, 2, 10, 4)
+    assert (pq >= 0).all() and (pk >= 0).all()
+    assert m.net.W1q.abs().max() <= math.sqrt(6 / (16 + 32))
+    assert m.net.W2k.abs().max() <= math.sqrt(6 / (32 + 4))
+    assert torch.equal(m.net.s1, torch.full((2, 4), 1e-4))
+    # per-head weights: head 0 of phi is a plain two-layer GELU MLP with W1q[0], W2q[0]
+    gelu = torch.nn.functional.gelu
+    want = gelu(gelu(q[:, 0] @ m.net.W1q[0]) @ m.net.W2q[0]).abs()
+    assert torch.allclose(pq[:, 0], want, atol=1e-6)
+    p0 = m.net.s1[1].abs() * gelu(gelu(k[:, 1] @ m.net.W1k[1]) @ m.net.W2k[1])
+    assert torch.allclose(pk[:, 1], (p0 + (p0 @ m.net.W_int[1]) * m.net.s2[1]).abs(), atol=1e-9)
+
+
+def test_dropout_only_in_training():
+    m = LayerKernels(KernelConfig(4, 4, 8, rank=4, hidden=64, dropout=0.5))
+    q = torch.randn(1, 4, 5, 8)
+    m.train()
+    assert not torch.equal(m.phi(q), m.phi(q))
+    m.eval()
+    assert torch.equal(m.phi(q), m.phi(q))
+
+
+def test_save_load_round_trip(tmp_path):
+    for kind in ("learned", "performer"):
+        cfg = KernelConfig(6, 3, 8, rank=4, hidden=16, kind=kind, seed=3)
+        m = LayerKernels(cfg).eval()
+        path = tmp_path / f"{kind}.safetensors"
+        m.save(path)
+        m2 = LayerKernels.load(path).eval()
+        assert m2.cfg == cfg
+        q, k = torch.randn(1, 6, 5, 8), torch.randn(1, 3, 5, 8)
+        assert torch.equal(m.phi(q), m2.phi(q)) and torch.equal(m.psi(k), m2.psi(k))
+
+
+def test_performer_approximates_exp_and_shares_group_features():
+    d = 16
+    m = LayerKernels(KernelConfig(4, 2, d, rank=8192, kind="performer", seed=1))
+    q, k = 0.5 * torch.randn(1, 4, 20, d) / math.sqrt(d), 0.5 * torch.randn(1, 2, 20, d)
+    approx = m.phi(q) @ m.psi(k).repeat_interleave(2, 1).transpose(-1, -2)
+    exact = torch.exp(q @ k.repeat_interleave(2, 1).transpose(-1, -2) / math.sqrt(d))
+    assert ((approx - exact).abs() / exact).mean() < 0.05
+    # query heads 0 and 1 share KV head 0's features
+    x = torch.randn(1, 1, 3, d)
+    assert torch.allclose(m.phi(x.expand(1, 4, 3, d))[:, 1], m.psi(x.expand(1, 2, 3, d))[:, 0])
+
+
+def test_untrained_learned_kernels_are_almost_the_sparse_policy():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    m = LayerKernels(KernelConfig(4, 2, 16, rank=8, hidden=64)).eval()
+    e = H2O(8, 8).evict_at(q, k)
+    sparse = parallel_attention(q, k, v, e)
+    less = parallel_attention(q, k, v, e, m.phi(q), m.psi(k))
+    diff = (less - sparse).abs().max().item()
+    assert 0 < diff < 1e-3

@@ -1,0 +1,95 @@
+"""Budget configs, one-line errors and Baseline+."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lessctl.policies import (
+    H2O,
+    POLICIES,
+    TOVA,
+    Full,
+    LambdaMask,
+    RandomPolicy,
+    Recent,
+    baseline_plus,
+    build_policy,
+    get_policy,
+)
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "policy"
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_has_a_yaml_that_builds(name):
+    cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    p = build_policy(cfg, seq_len=4096, max_position_embeddings=4096)
+    assert p.name == name == cfg["name"]
+
+
+def test_official_fractions_llama2_7b():
+    cfg = yaml.safe_load((CONF / "h2o.yaml").read_text())
+    assert build_policy(cfg, seq_len=4096, max_position_embeddings=4096) == H2O(102, 102)
+    lam = {"name": "lambda", "budget": {"size": 0.05, "of": "max_position_embeddings"}, "sink": 4}
+    assert build_policy(lam, seq_len=4096, max_position_embeddings=4096) == LambdaMask(4, 200)
+    tova = {"name": "tova", "budget": {"size": 0.1, "of": "sequence"}}
+    assert build_policy(tova, seq_len=1000, max_position_embeddings=4096) == TOVA(100)
+    rnd = {"name": "random", "budget": {"size": 64}, "seed": 3}
+    assert build_policy(rnd, seq_len=100, max_position_embeddings=4096) == RandomPolicy(64, 3)
+    h2o_int = {"name": "h2o", "budget": {"size": 11}, "heavy_ratio": 0.5}
+    assert build_policy(h2o_int, seq_len=100, max_position_embeddings=4096) == H2O(5, 6)
+    assert build_policy({"name": "full"}, seq_len=10, max_position_embeddings=10) == Full()
+
+
+@pytest.mark.parametrize(
+    ("cfg", "needle"),
+    [
+        ({"name": "nope", "budget": {"size": 8}}, "allowed: full, h2o, lambda, random"),
+        ({"name": "tova", "budget": {"size": 0}}, "size=0"),
+        ({"name": "tova", "budget": {"size": -3}}, "size=-3"),
+        ({"name": "tova", "budget": {"size": 0.0}}, "size=0.0"),
+        ({"name": "tova", "budget": {"size": 1.5}}, "size=1.5"),
+        ({"name": "tova", "budget": {"size": 4097}}, "exceeds the context of 4096"),
+        ({"name": "tova", "budget": {"size": 0.5, "of": "sequence"}}, None),
+        ({"name": "tova", "budget": {"size": 0.05, "of": "prompt"}}, "of='prompt'"),
+        ({"name": "recent", "budget": {"size": 0.0001}}, "gives 0 tokens"),
+        ({"name": "lambda", "budget": {"size": 4}, "sink": 4}, "sink=4"),
+        ({"name": "h2o", "budget": {"size": 8}, "heavy_ratio": 2.0}, "heavy_ratio=2.0"),
+    ],
+)
+def test_bad_budgets_are_one_line_value_errors(cfg, needle):
+    if needle is None:  # a valid control case
+        assert build_policy(cfg, seq_len=4096, max_position_embeddings=4096).budget == 2048
+        return
+    with pytest.raises(ValueError) as err:
+        build_policy(cfg, seq_len=4096, max_position_embeddings=4096)
+    msg = str(err.value)
+    assert "\n" not in msg and needle in msg
+
+
+def test_budget_larger_than_context_fraction_of_max_positions():
+    cfg = {"name": "h2o", "budget": {"size": 0.5, "of": "max_position_embeddings"}}
+    with pytest.raises(ValueError, match="exceeds the context of 1000"):
+        build_policy(cfg, seq_len=1000, max_position_embeddings=4096)
+
+
+def test_baseline_plus_adds_state_memory():
+    assert baseline_plus(H2O(102, 102), rank=8, head_dim=128) == H2O(104, 104)
+    assert baseline_plus(LambdaMask(4, 200), rank=8, head_dim=128) == LambdaMask(4, 204)
+    assert baseline_plus(TOVA(204), rank=8, head_dim=128) == TOVA(208)
+    assert baseline_plus(Recent(10), rank=8, head_dim=128) == Recent(14)
+    assert baseline_plus(RandomPolicy(10, 5), rank=8, head_dim=128) == RandomPolicy(14, 5)
+    assert baseline_plus(Full(), rank=8, head_dim=128) == Full()
+    assert baseline_plus(H2O(10, 10), rank=16, head_dim=64).budget == 20 + 8  # round(8.125)
+
+
+def test_registry_and_budgets():
+    assert get_policy("h2o", heavy=3, recent=2).budget == 5
+    assert Full().budget is None
+    with pytest.raises(ValueError, match="unknown policy 'x'; allowed: full, h2o"):
+        get_policy("x")
+    with pytest.raises(ValueError):
+        LambdaMask(4, 0)
