@@ -199,8 +199,9 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> None:
 def eval_(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
     """Evaluate Full / Baseline / Baseline+ / LESS / Performer: `task=<data option>` picks
     perplexity (text corpora) or summarisation ROUGE (cnndm, xsum, multinews)."""
-    overrides = [("data=" + o.split("=", 1)[1]) if o.startswith("task=") else o
-                 for o in (overrides or [])]
+    overrides = [
+        ("data=" + o.split("=", 1)[1]) if o.startswith("task=") else o for o in (overrides or [])
+    ]
     cfg = compose(overrides, print_cfg)
     if cfg is None:
         return
@@ -214,6 +215,40 @@ def eval_(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
         raise
     run.finish()
     console.print(f"{len(rows)} rows → {run.path / 'rows.jsonl'}")
+
+
+@app.command(context_settings=EXTRA)
+def bench(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
+    """Decode latency, tokens/s, KV-cache bytes and peak memory over context lengths
+    (bench.contexts) for full, the policy and LESS, through the real-eviction cache."""
+    cfg = compose(overrides, print_cfg)
+    if cfg is None:
+        return
+    from lessctl import bench as B
+    from lessctl.config import resolve_device, resolve_dtype
+    from lessctl.models import load_model
+
+    run = _stage_run("bench", overrides, cfg)
+    device = resolve_device(cfg.device)
+    model, tok = run_stage(
+        load_model, cfg.model, device, resolve_dtype(cfg.dtype, device), seed=cfg.seed
+    )
+    rows = run_stage(B.run, cfg, model, tok, log=console.print)
+    run.add_rows(rows)
+    run.finish()
+    console.print(f"{len(rows)} rows → {run.path / 'rows.jsonl'}")
+
+
+@app.command(context_settings=EXTRA)
+def report(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
+    """Write results/REPORT.md and results/figures/ from the saved runs only."""
+    cfg = compose(overrides, print_cfg)
+    if cfg is None:
+        return
+    from lessctl.report import run as write_report
+
+    path = run_stage(write_report, cfg.results_dir)
+    console.print(f"report → {path}")
 
 
 JOBS: dict[str, Callable[[DictConfig, list[str]], None]] = {"train": train_job}

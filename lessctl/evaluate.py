@@ -20,14 +20,17 @@ def run(cfg: DictConfig, run: Run, log=print) -> list[dict[str, Any]]:
     geo = attention_geometry(model)
     max_pos = geo["max_position_embeddings"]
     if cfg.data.kind == "text":
-        from lessctl import perplexity, streaming
+        from lessctl import perplexity
 
         window = int(cfg.eval.window or max_pos)
         if max_pos and window > max_pos:
             raise LessctlError(f"eval.window={window} exceeds max_position_embeddings={max_pos}")
         methods = build_methods(cfg, geo, window, device)
-        stage = {"parallel": perplexity.run, "streaming": streaming.run}.get(cfg.eval.mode)
-        if stage is None:
+        if cfg.eval.mode == "parallel":
+            stage = perplexity.run
+        elif cfg.eval.mode == "streaming":
+            from lessctl.streaming import run as stage
+        else:
             raise LessctlError(f"eval.mode={cfg.eval.mode!r}; allowed: parallel, streaming")
         rows = stage(cfg, model, tok, methods, log=log)
     else:

@@ -61,10 +61,15 @@ def find_checkpoint(cfg: DictConfig, num_layers: int) -> Path:
     cands = []
     for man_path in Path(cfg.train.dir).expanduser().glob("*/manifest.json"):
         man = json.loads(man_path.read_text())
-        complete = all((man_path.parent / f"layer_{i:03d}.safetensors").exists()
-                       for i in range(num_layers))
-        if (man["model"] == cfg.model.name and man["policy"] == cfg.policy.name
-                and man["kernel"]["rank"] == int(cfg.less.rank) and complete):
+        complete = all(
+            (man_path.parent / f"layer_{i:03d}.safetensors").exists() for i in range(num_layers)
+        )
+        if (
+            man["model"] == cfg.model.name
+            and man["policy"] == cfg.policy.name
+            and man["kernel"]["rank"] == int(cfg.less.rank)
+            and complete
+        ):
             cands.append(man_path.parent)
     if not cands:
         raise LessctlError(
@@ -100,11 +105,18 @@ def load_less(cfg: DictConfig, geo: dict[str, int], device) -> tuple[dict[int, L
 def performer(cfg: DictConfig, geo: dict[str, int], device) -> dict[int, LayerKernels]:
     """Untrained random-feature kernels (the paper's ablation), seeded per layer."""
     return {
-        i: LayerKernels(KernelConfig(
-            num_heads=geo["num_heads"], num_kv_heads=geo["num_kv_heads"],
-            head_dim=geo["head_dim"], rank=int(cfg.less.rank), kind="performer",
-            seed=int(cfg.less.seed) * 1000 + i,
-        )).to(device).eval()
+        i: LayerKernels(
+            KernelConfig(
+                num_heads=geo["num_heads"],
+                num_kv_heads=geo["num_kv_heads"],
+                head_dim=geo["head_dim"],
+                rank=int(cfg.less.rank),
+                kind="performer",
+                seed=int(cfg.less.seed) * 1000 + i,
+            )
+        )
+        .to(device)
+        .eval()
         for i in range(geo["num_layers"])
     }
 
@@ -115,8 +127,9 @@ def build_methods(cfg: DictConfig, geo: dict[str, int], seq_len: int, device) ->
     bad = [n for n in names if n not in METHODS]
     if bad:
         raise LessctlError(f"unknown eval.methods entry {bad[0]!r}; allowed: {', '.join(METHODS)}")
-    policy = build_policy(cfg.policy, seq_len=seq_len,
-                          max_position_embeddings=geo["max_position_embeddings"])
+    policy = build_policy(
+        cfg.policy, seq_len=seq_len, max_position_embeddings=geo["max_position_embeddings"]
+    )
     full = build_policy({"name": "full"}, seq_len=seq_len, max_position_embeddings=0)
     out = []
     for n in names:
@@ -137,5 +150,9 @@ def build_methods(cfg: DictConfig, geo: dict[str, int], seq_len: int, device) ->
 def method_row(m: Method, policy_name: str) -> dict[str, Any]:
     """Columns that describe a method in a result row (`policy`: the compared policy; `budget`:
     the tokens this method keeps, None for full)."""
-    return {"method": m.name, "policy": policy_name, "budget": m.policy.budget,
-            "checkpoint": m.checkpoint}
+    return {
+        "method": m.name,
+        "policy": policy_name,
+        "budget": m.policy.budget,
+        "checkpoint": m.checkpoint,
+    }

@@ -46,24 +46,44 @@ def count_words(tokenizer, windows: torch.Tensor) -> int:
     return sum(len(tokenizer.decode(w, skip_special_tokens=True).split()) for w in windows)
 
 
-def run(cfg: DictConfig, model, tokenizer, methods: list[Method], log=print) -> list[dict[str, Any]]:
+def run(
+    cfg: DictConfig, model, tokenizer, methods: list[Method], log=print
+) -> list[dict[str, Any]]:
     """Perplexity rows: per method `ppl_token` and `ppl_word` (with tokens and words)."""
     e = cfg.eval
     corpus = load_texts(cfg.data)
-    windows = token_windows(corpus.items, tokenizer, int(e.window),
-                            int(e.window) * int(e.windows) if e.windows else None)
+    windows = token_windows(
+        corpus.items,
+        tokenizer,
+        int(e.window),
+        int(e.window) * int(e.windows) if e.windows else None,
+    )
     words = count_words(tokenizer, windows)
     rows = []
     for m in methods:
         t0 = time.perf_counter()
         nll, n = method_nll(model, windows, m)
-        base = {"task": "perplexity", "model": cfg.model.name, "dataset": cfg.data.name,
-                "source": corpus.source, "method": m.name, "policy": cfg.policy.name,
-                "budget": m.policy.budget, "window": int(e.window), "checkpoint": m.checkpoint,
-                "tokens": n, "words": words, "windows": len(windows)}
+        base = {
+            "task": "perplexity",
+            "model": cfg.model.name,
+            "dataset": cfg.data.name,
+            "source": corpus.source,
+            "method": m.name,
+            "policy": cfg.policy.name,
+            "budget": m.policy.budget,
+            "window": int(e.window),
+            "checkpoint": m.checkpoint,
+            "tokens": n,
+            "words": words,
+            "windows": len(windows),
+        }
         ppl_t, ppl_w = math.exp(nll / n), math.exp(nll / words)
-        rows += [{**base, "metric": "ppl_token", "value": ppl_t},
-                 {**base, "metric": "ppl_word", "value": ppl_w}]
-        log(f"{cfg.data.name:10s} {m.name:14s} budget={m.policy.budget}  ppl(token) {ppl_t:8.3f}"
-            f"  ppl(word) {ppl_w:8.3f}  ({time.perf_counter() - t0:.0f}s)")
+        rows += [
+            {**base, "metric": "ppl_token", "value": ppl_t},
+            {**base, "metric": "ppl_word", "value": ppl_w},
+        ]
+        log(
+            f"{cfg.data.name:10s} {m.name:14s} budget={m.policy.budget}  ppl(token) {ppl_t:8.3f}"
+            f"  ppl(word) {ppl_w:8.3f}  ({time.perf_counter() - t0:.0f}s)"
+        )
     return rows

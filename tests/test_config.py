@@ -18,10 +18,17 @@ def test_every_option_composes(group):
 
 
 def test_required_options_present():
-    assert {"smollm2-135m", "tiny-random", "llama2-7b", "llama2-13b", "falcon-7b",
-            "mistral-7b"} <= set(group_options("model"))
-    assert {"c4", "wikitext2", "wikitext103", "pg19", "cnndm", "xsum",
-            "multinews"} <= set(group_options("data"))
+    assert {
+        "smollm2-135m",
+        "tiny-random",
+        "llama2-7b",
+        "llama2-13b",
+        "falcon-7b",
+        "mistral-7b",
+    } <= set(group_options("model"))
+    assert {"c4", "wikitext2", "wikitext103", "pg19", "cnndm", "xsum", "multinews"} <= set(
+        group_options("data")
+    )
     assert {"smoke", "cpu", "paper"} <= set(group_options("experiment"))
 
 

@@ -12,7 +12,8 @@ from lessctl.shards import ShardError, ShardStore
 
 TEXT = " ".join(
     f"Paragraph {i}: the river rose after the storm, and the village moved its boats to higher "
-    f"ground while the council argued about the bridge." for i in range(40)
+    f"ground while the council argued about the bridge."
+    for i in range(40)
 )
 
 
@@ -32,8 +33,10 @@ def test_shards_hold_what_attention_sees(smoke):
     assert man["chunks"] == len(store.done_chunks()) == 6 and man["source"].startswith("file:")
     model, _ = load_model(cfg.model, seed=cfg.seed)
     outs = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o: outs.__setitem__(mod.layer_idx, o[0]))
-             for m in attention_layers(model)]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o: outs.__setitem__(mod.layer_idx, o[0]))
+        for m in attention_layers(model)
+    ]
     from lessctl.data import load_texts, token_windows
     from lessctl.models import byte_tokenizer
 
@@ -47,8 +50,7 @@ def test_shards_hold_what_attention_sees(smoke):
     for layer in range(2):
         s = store.read(layer, 0)
         assert s["q"].shape == (4, 4, 64, 16) and s["k"].shape == (4, 2, 64, 16)
-        recon = _o_proj(full_attention(s["q"], s["k"], s["v"], man["scaling"]),
-                        store.o_proj(layer))
+        recon = _o_proj(full_attention(s["q"], s["k"], s["v"], man["scaling"]), store.o_proj(layer))
         torch.testing.assert_close(recon, outs[layer], atol=1e-4, rtol=1e-4)
 
 

@@ -42,8 +42,16 @@ def test_resume_skips_finished_layers(extracted, compose):
 
 
 def test_h2o_trains(extracted, compose):
-    _, metrics = T.run(compose(*extracted, "policy=h2o", "policy.budget.size=16",
-                               "policy.budget.of=sequence", "train.epochs=2"), log=lambda *_: None)
+    _, metrics = T.run(
+        compose(
+            *extracted,
+            "policy=h2o",
+            "policy.budget.size=16",
+            "policy.budget.of=sequence",
+            "train.epochs=2",
+        ),
+        log=lambda *_: None,
+    )
     assert all(m["policy"] == "h2o" and m["budget"] == 16 for m in metrics)
 
 
@@ -84,11 +92,21 @@ def test_cli_train_prints_table_and_error(extracted):
 
 
 def test_multirun_fans_out_layers_with_joblib(extracted, compose):
-    res = CliRunner().invoke(app, ["train", "-m", *extracted, "train.epochs=1",
-                                   "train.layers=0,1", "hydra/launcher=joblib",
-                                   "hydra.launcher.n_jobs=2"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "-m",
+            *extracted,
+            "train.epochs=1",
+            "train.layers=0,1",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    out = T.checkpoint_dir(compose(*extracted, "train.epochs=1"),
-                           json.loads((E.extraction_dir(compose(*extracted)) /
-                                       "manifest.json").read_text()))
+    out = T.checkpoint_dir(
+        compose(*extracted, "train.epochs=1"),
+        json.loads((E.extraction_dir(compose(*extracted)) / "manifest.json").read_text()),
+    )
     assert (out / "layer_000.json").exists() and (out / "layer_001.json").exists()
