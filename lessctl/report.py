@@ -55,10 +55,14 @@ def gap_closed(full: float, plus: float, less: float) -> float:
     return (plus - less) / (plus - full)
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
+INT_COLS = {"budget", "layer", "layers", "layers LESS < Baseline+", "context", "batch_size",
+            "cache_bytes", "peak_mem_bytes"}
+
+
+def _fmt(x: Any, col: str = "", digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
-    if isinstance(x, float) and x.is_integer() and abs(x) < 1e6:
+    if col in INT_COLS and isinstance(x, float):
         return str(int(x))
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
@@ -67,7 +71,7 @@ def _md(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(_fmt(r[c], c) for c in cols) + " |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,6 @@ from omegaconf import DictConfig
 from rouge_score import rouge_scorer
 
 from lessctl.data import load_pairs
-from lessctl.decoding import generate
 from lessctl.methods import Method
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
@@ -76,6 +75,8 @@ def run(
     cfg: DictConfig, model, tokenizer, methods: list[Method], run_dir: Path, log=print
 ) -> list[dict[str, Any]]:
     """ROUGE rows per method (`rouge1`, `rouge2`, `rougeL`, mean F-measure over examples)."""
+    from lessctl.decoding import generate
+
     e = cfg.eval
     max_pos = model.config.max_position_embeddings
     max_prompt = int(e.max_prompt_tokens or (max_pos - int(e.max_new_tokens)))

@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+
+from lessctl.hooks import use_attention
+from lessctl.methods import Method, ParallelAttention
+from lessctl.perplexity import method_nll
+from lessctl.policies import get_policy
+
+
+@pytest.fixture
+def windows():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (3, 48), generator=g)
+
+
+def test_full_matches_loss_reference(tiny_model, windows):
+    model, _ = tiny_model
+    nll, n = method_nll(model, windows, Method("full", get_policy("full")))
+    ref = sum(model(w[None], labels=w[None]).loss.item() * (w.numel() - 1) for w in windows)
+    assert n == 3 * 47
+    assert nll == pytest.approx(ref, rel=1e-5)
+
+
+def test_registered_attention_is_causal_and_equals_eager(tiny_model, windows):
+    """Pitfall: a registered function without a mask function attends to the future."""
+    model, _ = tiny_model
+    x = windows[:1]
+    ref = model(x, labels=x).loss
+    with use_attention(model, ParallelAttention(get_policy("full"))):
+        got = model(x, labels=x).loss
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_baseline_with_budget_over_window_equals_full(tiny_model, windows):
+    model, _ = tiny_model
+    full = method_nll(model, windows, Method("full", get_policy("full")))[0]
+    wide = method_nll(model, windows, Method("baseline", get_policy("lambda", sink=4, recent=60)))[
+        0
+    ]
+    tight = method_nll(model, windows, Method("baseline", get_policy("lambda", sink=2, recent=6)))[
+        0
+    ]
+    assert wide == pytest.approx(full, rel=1e-5)
+    assert not math.isclose(tight, full, rel_tol=1e-4)
+
+
+def test_eval_cli_perplexity_rows(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lessctl.cli import app
+    from lessctl.runs import list_runs
+
+    from .test_extract import TEXT
+
+    monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "t.txt").write_text(TEXT)
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "experiment=smoke",
+            f"data.path={tmp_path / 't.txt'}",
+            "eval.methods=[full,baseline,baseline_plus,performer]",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    [run] = list_runs("results", "eval")
+    rows = run.rows()
+    assert {r["method"] for r in rows} == {"full", "baseline", "baseline_plus", "performer"}
+    r = rows[0]
+    assert r["source"].startswith("file:") and r["v_torch"] and r["git"] and r["seed"] == 0
+    assert {r["metric"] for r in rows} == {"ppl_token", "ppl_word"}
+    by = {(r["method"], r["metric"]): r for r in rows}
+    # tiny-random: d=16, R=8: the state holds R*d + R = 136 numbers = 4 tokens of K+V (2*16)
+    assert (
+        by[("baseline_plus", "ppl_token")]["budget"] == by[("baseline", "ppl_token")]["budget"] + 4
+    )
+
+
+def test_bad_method_and_missing_checkpoint(compose, tiny_model, tmp_path):
+    from lessctl.errors import LessctlError
+    from lessctl.methods import build_methods
+    from lessctl.models import attention_geometry
+
+    geo = attention_geometry(tiny_model[0])
+    with pytest.raises(LessctlError, match="allowed"):
+        build_methods(compose("experiment=smoke", "eval.methods=[nope]"), geo, 64, "cpu")
+    with pytest.raises(LessctlError, match="lessctl train"):
+        build_methods(
+            compose("experiment=smoke", f"train.dir={tmp_path}", "eval.methods=[less]"),
+            geo,
+            64,
+            "cpu",
+        )

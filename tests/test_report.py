@@ -1,0 +1,61 @@
+from lessctl.report import gap_closed
+from lessctl.report import run as write_report
+from lessctl.runs import start_run
+
+
+def _rows(budget, values):
+    base = {
+        "task": "perplexity",
+        "model": "m",
+        "dataset": "wikitext2",
+        "source": "embedded:wikitext",
+        "policy": "h2o",
+        "window": 512,
+    }
+    return [
+        {
+            **base,
+            "method": m,
+            "budget": None if m == "full" else b,
+            "metric": "ppl_word",
+            "value": v,
+        }
+        for (m, b), v in zip(
+            [
+                ("full", None),
+                ("baseline", budget),
+                ("baseline_plus", budget + 4),
+                ("less", budget),
+                ("performer", budget),
+            ],
+            values,
+            strict=True,
+        )
+    ]
+
+
+def test_gap_closed():
+    assert gap_closed(10.0, 20.0, 15.0) == 0.5
+    assert gap_closed(10.0, 20.0, 20.0) == 0.0
+
+
+def test_report_on_saved_runs_is_deterministic(compose, tmp_path):
+    cfg = compose(f"results_dir={tmp_path}")
+    run = start_run(cfg, "eval", [])
+    run.add_rows(_rows(32, [10.0, 30.0, 20.0, 15.0, 25.0]))
+    run.finish()
+    path = write_report(tmp_path)
+    text = path.read_text()
+    assert (
+        "| m | wikitext2 | embedded:wikitext | h2o | 32 | 10.000 | 30.000 | 20.000 | 15.000 "
+        "| 25.000 | 0.500 |" in text
+    )
+    assert "not comparable" in text
+    assert (tmp_path / "figures" / "ppl-ppl_word-m-wikitext2-h2o.png").exists()
+    assert write_report(tmp_path).read_text() == text
+
+
+def test_unfinished_runs_are_ignored(compose, tmp_path):
+    run = start_run(compose(f"results_dir={tmp_path}"), "eval", [])
+    run.add_rows(_rows(32, [10.0, 30.0, 20.0, 15.0, 25.0]))  # never finished
+    assert "No finished runs" in write_report(tmp_path).read_text()
