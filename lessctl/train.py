@@ -137,8 +137,9 @@ class LayerData:
     def _pre_path(self, chunk: int) -> Path:
         return self.cache / f"chunk_{chunk:05d}.safetensors"
 
-    def load(self, chunk: int, want_plus: bool = False) -> dict[str, torch.Tensor]:
-        """q, k, v (fp32) + target, evict_at, sparse out/lse (+ Baseline+ output if asked)."""
+    def load(self, chunk: int, validation: bool = False) -> dict[str, torch.Tensor]:
+        """q, k, v (fp32) + target, evict_at, sparse out/lse; for validation chunks also the
+        Baseline and Baseline+ outputs after o_proj."""
         raw = {
             k: v.to(self.device, torch.float32)
             for k, v in self.store.read(self.layer, chunk).items()
@@ -155,10 +156,11 @@ class LayerData:
                 "evict_at": ev,
                 "sparse_out": out,
                 "sparse_lse": lse,
-                "baseline": _o_proj(out, self.w),
             }
-            ev_plus = self.plus.evict_at(q, k, self.scale)
-            pre["plus"] = _o_proj(sparse_attention(q, k, v, ev_plus, self.scale)[0], self.w)
+            if validation:
+                pre["baseline"] = _o_proj(out, self.w)
+                ev_plus = self.plus.evict_at(q, k, self.scale)
+                pre["plus"] = _o_proj(sparse_attention(q, k, v, ev_plus, self.scale)[0], self.w)
             save_atomic({k: t.cpu() for k, t in pre.items()}, p)
         return {**raw, **pre}
 
@@ -196,15 +198,19 @@ def train_layer(
         out_dir / "precomputed" / f"layer_{layer:03d}",
     )
 
-    # (chunk, row) pairs; the last val_fraction of sequences validate
-    seqs = []
-    for c in store.done_chunks():
-        n = json.loads(store.marker(c).read_text())["sequences"]
-        seqs += [(c, i) for i in range(n)]
-    n_val = max(1, math.ceil(len(seqs) * float(t.val_fraction)))
-    if len(seqs) < 2:
-        raise LessctlError(f"{store.root} holds {len(seqs)} sequence(s); training needs >= 2")
-    train_seqs, val_seqs = seqs[:-n_val], seqs[-n_val:]
+    # (chunk, row) pairs; the last val_fraction of chunks validate (whole chunks, so a chunk's
+    # precomputed tensors serve one role)
+    chunks = store.done_chunks()
+    if len(chunks) < 2:
+        raise LessctlError(f"{store.root} holds {len(chunks)} chunk(s); training needs >= 2")
+    n_val = min(max(1, math.ceil(len(chunks) * float(t.val_fraction))), len(chunks) - 1)
+
+    def pairs(cs: list[int]) -> list[tuple[int, int]]:
+        return [
+            (c, i) for c in cs for i in range(json.loads(store.marker(c).read_text())["sequences"])
+        ]
+
+    train_seqs, val_seqs = pairs(chunks[:-n_val]), pairs(chunks[-n_val:])
     if t.max_train_sequences:
         train_seqs = train_seqs[: int(t.max_train_sequences)]
 
@@ -219,9 +225,14 @@ def train_layer(
             rows = by_chunk[c]
             if shuffle:
                 rng.shuffle(rows)
-            d = data.load(c)
+            d = data.load(c, validation=not shuffle)
+            n_chunk = d["q"].shape[0]
             for a in range(0, len(rows), int(t.batch_size)):
-                idx = torch.tensor(rows[a : a + int(t.batch_size)], device=device)
+                sel = rows[a : a + int(t.batch_size)]
+                if sorted(sel) == list(range(n_chunk)):  # the whole chunk: no copy
+                    yield d
+                    continue
+                idx = torch.tensor(sel, device=device)
                 yield {k: v.index_select(0, idx) for k, v in d.items()}
 
     def predict(b: dict[str, torch.Tensor]) -> torch.Tensor:

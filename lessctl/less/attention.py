@@ -53,9 +53,14 @@ def kept_attention(
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
         s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
+    # max-shifted exp once (torch.logsumexp is several times slower on -inf-masked rows)
+    mx = s.amax(-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, 0.0)
+    p = torch.exp(s - mx)
+    den = p.sum(-1)
+    lse = torch.log(den) + mx.squeeze(-1)  # -inf for a row with no key
     out = torch.einsum("bkgtm,bkmd->bkgtd", p, v.to(F32))
+    out = out / torch.where(den > 0, den, 1.0).unsqueeze(-1)
     return out.reshape(b, h, t, -1), lse.reshape(b, h, t)
 
 
