@@ -94,3 +94,22 @@ def test_bad_method_and_missing_checkpoint(compose, tiny_model, tmp_path):
             64,
             "cpu",
         )
+
+
+@pytest.mark.slow
+def test_smollm2_parallel_full_equals_sdpa_and_policy_hurts(smollm2):
+    model, tok = smollm2
+    text = (
+        "The committee met on Tuesday to discuss the new budget. After a long debate, the "
+        "members agreed to fund the library, repair the old bridge and hire two more teachers "
+        "for the primary school. The mayor said the decision would help families across the "
+        "town, and promised to publish the full accounts before the end of the year."
+    ) * 3
+    x = tok(text, return_tensors="pt").input_ids
+    ref = model(x, labels=x).loss
+    with use_attention(model, ParallelAttention(get_policy("full"))):
+        full = model(x, labels=x).loss
+    with use_attention(model, ParallelAttention(get_policy("lambda", sink=4, recent=12))):
+        sparse = model(x, labels=x).loss
+    torch.testing.assert_close(full, ref, atol=1e-4, rtol=1e-4)
+    assert sparse > ref
