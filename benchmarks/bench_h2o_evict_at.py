@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 
 import torch
+from timing import median_time
 
 from lessctl.policies import H2O
 
@@ -41,16 +40,6 @@ def reference_evict_at(q: torch.Tensor, k: torch.Tensor, heavy: int, recent: int
     dropped = ~mask & (j[:, None] >= j[None, :])  # [.., t, j]: j <= t and not kept
     first = torch.where(dropped, j[:, None], s).min(-2).values
     return first
-
-
-def median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

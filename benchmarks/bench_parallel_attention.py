@@ -11,10 +11,9 @@ from H2O at ``--budget`` of S (not timed).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_time
 
 from lessctl.less import low_rank_attention, masked_attention, parallel_attention
 from lessctl.policies import H2O, keep_mask
@@ -28,16 +27,6 @@ def quadratic_state(phi, psi, v, evict_at):
     lr_mask = (causal & ~keep_mask(evict_at)).repeat_interleave(g, 1)
     a = (phi @ psi.repeat_interleave(g, 1).transpose(-1, -2)) * lr_mask
     return a @ v.repeat_interleave(g, 1), a.sum(-1)
-
-
-def median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
