@@ -123,13 +123,13 @@ def _ppl_figures(t: pd.DataFrame, fig_dir: Path, metric: str) -> list[str]:
     names = []
     for (model, dataset, policy), g in t.groupby(["model", "dataset", "policy"]):
         g = g.sort_values("budget")
-        name = f"ppl-{metric}-{model}-{dataset}-{policy}.png"
+        name = f"{metric}-{model}-{dataset}-{policy}.png"
 
         def draw(ax, g=g, title=f"{model} {dataset} {policy}"):
             for m in ORDER:
                 ax.plot(g.budget, g[LABEL[m]], marker="o", label=LABEL[m])
             ax.set_xlabel("budget (tokens)")
-            ax.set_ylabel(metric)
+            ax.set_ylabel(metric.rsplit("-", 1)[-1])
             ax.set_title(title)
             ax.legend(fontsize=7)
 
@@ -219,14 +219,16 @@ def run(results_dir: str | Path = "results") -> Path:
         "mode",
     ]
     latest = _latest(df, keys)
-    ppl = latest[latest.get("task") == "perplexity"] if "task" in latest else latest[:0]
-    for metric, title in (("ppl_word", "word-level"), ("ppl_token", "token-level")):
-        t = method_table(ppl, metric, lower_is_better=True)
-        if t.empty:
-            continue
-        out += [f"## Perplexity ({title}, teacher-forced, parallel form)", "", _md(t), ""]
-        figs = _ppl_figures(t, fig_dir, metric)
-        out += [f"![{f}](figures/{f})" for f in figs] + [""]
+    for task, how in (("perplexity", "teacher-forced, parallel form"),
+                      ("perplexity_streaming", "token by token through the evicting cache")):
+        ppl = latest[latest.get("task") == task] if "task" in latest else latest[:0]
+        for metric, title in (("ppl_word", "word-level"), ("ppl_token", "token-level")):
+            t = method_table(ppl, metric, lower_is_better=True)
+            if t.empty:
+                continue
+            out += [f"## Perplexity ({title}, {how})", "", _md(t), ""]
+            figs = _ppl_figures(t, fig_dir, f"{task}-{metric}")
+            out += [f"![{f}](figures/{f})" for f in figs] + [""]
     summ = latest[latest.get("task") == "summarization"] if "task" in latest else latest[:0]
     for metric in ("rouge1", "rouge2", "rougeL"):
         t = method_table(summ, metric, lower_is_better=False)

@@ -51,7 +51,7 @@ def test_report_on_saved_runs_is_deterministic(compose, tmp_path):
         "| 25.000 | 0.500 |" in text
     )
     assert "not comparable" in text
-    assert (tmp_path / "figures" / "ppl-ppl_word-m-wikitext2-h2o.png").exists()
+    assert (tmp_path / "figures" / "perplexity-ppl_word-m-wikitext2-h2o.png").exists()
     assert write_report(tmp_path).read_text() == text
 
 
