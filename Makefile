@@ -36,7 +36,7 @@ clean:
 LESS    := $(BIN)/lessctl
 CPU     := experiment=cpu
 PPL     := eval.window=512 eval.windows=4
-SUMM    := eval.samples=5 eval.shots=1 eval.max_new_tokens=32 eval.max_prompt_tokens=1024 policy.budget.size=0.2 policy.budget.of=sequence
+SUMM    := eval.samples=10 eval.shots=1 eval.max_new_tokens=32 eval.max_prompt_tokens=1024 policy.budget.size=0.2 policy.budget.of=sequence
 
 reproduce: install
 	$(LESS) assets

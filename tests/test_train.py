@@ -91,22 +91,30 @@ def test_cli_train_prints_table_and_error(extracted):
     assert res.exit_code == 2 and "allowed" in res.output
 
 
-def test_multirun_fans_out_layers_with_joblib(extracted, compose):
-    res = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "-m",
-            *extracted,
-            "train.epochs=1",
-            "train.layers=0,1",
-            "hydra/launcher=joblib",
-            "hydra.launcher.n_jobs=2",
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    out = T.checkpoint_dir(
-        compose(*extracted, "train.epochs=1"),
-        json.loads((E.extraction_dir(compose(*extracted)) / "manifest.json").read_text()),
-    )
+def test_multirun_fans_out_layers_with_joblib(extracted, compose, tmp_path):
+    """`lessctl train -m train.layers=0,1 hydra/launcher=joblib`: one job per layer, in a real
+    subprocess (Hydra reconfigures logging, so not through CliRunner)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "lessctl",
+        "train",
+        "-m",
+        *extracted,
+        "train.epochs=1",
+        "train.layers=0,1",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Joblib.Parallel(n_jobs=2" in res.stdout + res.stderr
+    man = json.loads((E.extraction_dir(compose(*extracted)) / "manifest.json").read_text())
+    out = T.checkpoint_dir(compose(*extracted, "train.epochs=1"), man)
     assert (out / "layer_000.json").exists() and (out / "layer_001.json").exists()
+    assert len(list((tmp_path / "sweep").glob("*/.hydra"))) == 2
