@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,43 +48,52 @@ def count_words(tokenizer, windows: torch.Tensor) -> int:
 
 
 def run(
-    cfg: DictConfig, model, tokenizer, methods: list[Method], log=print
+    cfg: DictConfig,
+    model,
+    tokenizer,
+    methods: list[Method],
+    log=print,
+    *,
+    nll: Callable[[Any, torch.Tensor, Method], tuple[float, int]] = method_nll,
+    task: str = "perplexity",
 ) -> list[dict[str, Any]]:
-    """Perplexity rows: per method `ppl_token` and `ppl_word` (with tokens and words)."""
+    """Perplexity rows: per method `ppl_token` and `ppl_word` (with tokens and words).
+
+    `nll(model, windows, method) -> (Σ NLL, tokens)`: the parallel form by default;
+    lessctl.streaming passes its token-by-token cache version (task `perplexity_streaming`).
+    """
     e = cfg.eval
+    window = int(e.window or model.config.max_position_embeddings)
     corpus = load_texts(cfg.data)
     windows = token_windows(
-        corpus.items,
-        tokenizer,
-        int(e.window),
-        int(e.window) * int(e.windows) if e.windows else None,
+        corpus.items, tokenizer, window, window * int(e.windows) if e.windows else None
     )
     words = count_words(tokenizer, windows)
     rows = []
     for m in methods:
         t0 = time.perf_counter()
-        nll, n = method_nll(model, windows, m)
+        total, n = nll(model, windows, m)
         base = {
-            "task": "perplexity",
+            "task": task,
             "model": cfg.model.name,
             "dataset": cfg.data.name,
             "source": corpus.source,
             "method": m.name,
             "policy": cfg.policy.name,
             "budget": m.policy.budget,
-            "window": int(e.window),
+            "window": window,
             "checkpoint": m.checkpoint,
             "tokens": n,
             "words": words,
             "windows": len(windows),
         }
-        ppl_t, ppl_w = math.exp(nll / n), math.exp(nll / words)
+        ppl_t, ppl_w = math.exp(total / n), math.exp(total / words)
         rows += [
             {**base, "metric": "ppl_token", "value": ppl_t},
             {**base, "metric": "ppl_word", "value": ppl_w},
         ]
         log(
-            f"{cfg.data.name:10s} {m.name:14s} budget={m.policy.budget}  ppl(token) {ppl_t:8.3f}"
-            f"  ppl(word) {ppl_w:8.3f}  ({time.perf_counter() - t0:.0f}s)"
+            f"{cfg.data.name:10s} {m.name:14s} budget={m.policy.budget}  {task}  ppl(token) "
+            f"{ppl_t:8.3f}  ppl(word) {ppl_w:8.3f}  ({time.perf_counter() - t0:.0f}s)"
         )
     return rows

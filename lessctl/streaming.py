@@ -10,18 +10,15 @@ library ``DynamicCache``.
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from lessctl.data import load_texts, token_windows
 from lessctl.decoding import stream_logits
 from lessctl.methods import Method
-from lessctl.perplexity import count_words
+from lessctl.perplexity import run as perplexity_run
 
 
 def stream_nll(
@@ -40,39 +37,8 @@ def stream_nll(
 def run(
     cfg: DictConfig, model, tokenizer, methods: list[Method], log=print
 ) -> list[dict[str, Any]]:
-    """Streaming perplexity rows: per method `ppl_token` and `ppl_word` (with tokens and words)."""
-    e = cfg.eval
-    window = int(e.window or model.config.max_position_embeddings)
-    corpus = load_texts(cfg.data)
-    windows = token_windows(
-        corpus.items, tokenizer, window, window * int(e.windows) if e.windows else None
+    """Streaming perplexity rows (task `perplexity_streaming`), same columns as
+    :func:`lessctl.perplexity.run`."""
+    return perplexity_run(
+        cfg, model, tokenizer, methods, log, nll=stream_nll, task="perplexity_streaming"
     )
-    words = count_words(tokenizer, windows)
-    rows = []
-    for m in methods:
-        t0 = time.perf_counter()
-        nll, n = stream_nll(model, windows, m)
-        base = {
-            "task": "perplexity_streaming",
-            "model": cfg.model.name,
-            "dataset": cfg.data.name,
-            "source": corpus.source,
-            "method": m.name,
-            "policy": cfg.policy.name,
-            "budget": m.policy.budget,
-            "window": window,
-            "checkpoint": m.checkpoint,
-            "tokens": n,
-            "words": words,
-            "windows": len(windows),
-        }
-        ppl_t, ppl_w = math.exp(nll / n), math.exp(nll / words)
-        rows += [
-            {**base, "metric": "ppl_token", "value": ppl_t},
-            {**base, "metric": "ppl_word", "value": ppl_w},
-        ]
-        log(
-            f"{cfg.data.name:10s} {m.name:14s} budget={m.policy.budget}  streaming "
-            f"ppl(token) {ppl_t:8.3f}  ppl(word) {ppl_w:8.3f}  ({time.perf_counter() - t0:.0f}s)"
-        )
-    return rows
