@@ -44,19 +44,26 @@ def _latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def gap_closed(full: float, plus: float, less: float) -> float:
-    """Share of the Baseline+→Full gap that LESS closes (1 = reaches Full, 0 = no better)."""
-    if (
-        any(
-            map(lambda x: x is None or (isinstance(x, float) and math.isnan(x)), (full, plus, less))
-        )
-        or plus == full
-    ):
+    """Share of the Baseline+→Full gap that LESS closes (1 = reaches Full, 0 = no better), for
+    lower-is-better metrics; NaN when Baseline+ is not worse than Full (no gap to close)."""
+    vals = (full, plus, less)
+    if any(x is None or (isinstance(x, float) and math.isnan(x)) for x in vals):
+        return float("nan")
+    if plus <= full:
         return float("nan")
     return (plus - less) / (plus - full)
 
 
-INT_COLS = {"budget", "layer", "layers", "layers LESS < Baseline+", "context", "batch_size",
-            "cache_bytes", "peak_mem_bytes"}
+INT_COLS = {
+    "budget",
+    "layer",
+    "layers",
+    "layers LESS < Baseline+",
+    "context",
+    "batch_size",
+    "cache_bytes",
+    "peak_mem_bytes",
+}
 
 
 def _fmt(x: Any, col: str = "", digits: int = 3) -> str:
@@ -170,7 +177,7 @@ def _bench_figures(d: pd.DataFrame, fig_dir: Path) -> list[str]:
         def draw(ax, s=s, unit=unit):
             for (method, bs), g in s.groupby(["method", "batch_size"]):
                 g = g.sort_values("context")
-                ax.plot(g.context, g.value, marker="o", label=f"{method} (batch {bs})")
+                ax.plot(g.context, g.value, marker="o", label=f"{method} (batch {int(bs)})")
             ax.set_xlabel("context length (tokens)")
             ax.set_ylabel(unit)
             ax.legend(fontsize=7)
@@ -219,8 +226,10 @@ def run(results_dir: str | Path = "results") -> Path:
         "mode",
     ]
     latest = _latest(df, keys)
-    for task, how in (("perplexity", "teacher-forced, parallel form"),
-                      ("perplexity_streaming", "token by token through the evicting cache")):
+    for task, how in (
+        ("perplexity", "teacher-forced, parallel form"),
+        ("perplexity_streaming", "token by token through the evicting cache"),
+    ):
         ppl = latest[latest.get("task") == task] if "task" in latest else latest[:0]
         for metric, title in (("ppl_word", "word-level"), ("ppl_token", "token-level")):
             t = method_table(ppl, metric, lower_is_better=True)
@@ -263,6 +272,9 @@ def run(results_dir: str | Path = "results") -> Path:
         out += [f"![{f}](figures/{f})" for f in _layer_figures(train, fig_dir)] + [""]
     bench = latest[latest.get("task") == "bench"] if "task" in latest else latest[:0]
     if not bench.empty:
+        bench = bench.assign(
+            budget=bench["budget"].map(lambda b: "–" if b is None or b != b else str(int(b)))
+        )
         piv = bench.pivot_table(
             index=["method", "policy", "budget", "batch_size", "context"],
             columns="metric",

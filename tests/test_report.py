@@ -1,3 +1,5 @@
+import math
+
 from lessctl.report import gap_closed
 from lessctl.report import run as write_report
 from lessctl.runs import start_run
@@ -37,6 +39,7 @@ def _rows(budget, values):
 def test_gap_closed():
     assert gap_closed(10.0, 20.0, 15.0) == 0.5
     assert gap_closed(10.0, 20.0, 20.0) == 0.0
+    assert math.isnan(gap_closed(20.0, 10.0, 15.0))  # Baseline+ better than Full: no gap
 
 
 def test_report_on_saved_runs_is_deterministic(compose, tmp_path):
