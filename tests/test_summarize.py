@@ -21,3 +21,50 @@ def test_rouge_known_strings():
 
 def test_clean_stops_at_separator():
     assert clean(" A summary.\n\n###\nArticle: next") == "A summary."
+
+
+def test_eval_summarization_end_to_end_on_tiny_model(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lessctl.cli import app
+    from lessctl.runs import list_runs
+
+    monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
+    docs = [
+        {
+            "document": f"Story {i}: the council met and approved a new bridge over the river. "
+            "Work starts in spring and ends next year." * 2,
+            "summary": f"Bridge {i} approved.",
+        }
+        for i in range(4)
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in docs))
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "experiment=smoke",
+            "task=xsum",
+            f"data.path={path}",
+            "eval.samples=3",
+            "eval.max_new_tokens=6",
+            "eval.max_prompt_tokens=500",
+            "policy.budget.size=48",
+            "eval.methods=[full,baseline,baseline_plus,performer]",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    [run] = list_runs("results", "eval")
+    rows = run.rows()
+    assert {(r["method"], r["metric"]) for r in rows} == {
+        (m, k)
+        for m in ("full", "baseline", "baseline_plus", "performer")
+        for k in ("rouge1", "rouge2", "rougeL")
+    }
+    assert all(0.0 <= r["value"] <= 1.0 and r["samples"] == 3 for r in rows)
+    preds = list((run.path / "predictions").glob("xsum-*.jsonl"))
+    assert len(preds) == 4
+    assert len(preds[0].read_text().splitlines()) == 3
