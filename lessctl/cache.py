@@ -28,7 +28,7 @@ Protocols (``protocol=``):
   over the prompt rows). The first decoded row then evicts the whole excess at once, i.e. the
   ``T + 1 - n`` candidates the policy would drop one after another from that candidate set
   (``select_evict`` repeated on the shrinking set; :func:`evict_many` uses an equivalent sort for
-  the built-in policies), all folded into the state; from then on one token per row.
+  policies with ``eviction_scores``), all folded into the state; from then on one token per row.
 
 Batches: left padding only (``attention_mask`` given to the constructor). Padding tokens are
 never cached as candidates, never count towards budgets or scores, and positions are per
@@ -50,11 +50,6 @@ from lessctl.hooks import use_attention
 from lessctl.less.kernels import LayerKernels
 from lessctl.less.state import LowRankState, step_attention
 from lessctl.policies.base import Policy, group_probs
-from lessctl.policies.h2o import H2O
-from lessctl.policies.lambda_mask import LambdaMask
-from lessctl.policies.random_policy import RandomPolicy, priority
-from lessctl.policies.recent import Recent
-from lessctl.policies.tova import TOVA
 
 PROTOCOLS = ("prompt", "streaming")
 _PREFILL_CHUNK = 1024
@@ -92,23 +87,6 @@ def evict_many_sequential(
     return out
 
 
-def _separable_score(
-    policy: Policy, t: int, old: Tensor, acc: Tensor | None, probs: Tensor | None
-) -> Tensor | None:
-    """For built-in policies: a score whose (score, position) order is their eviction order."""
-    if isinstance(policy, LambdaMask):
-        return torch.where(old < policy.sink, torch.inf, 0.0)
-    if isinstance(policy, Recent):
-        return torch.zeros(old.shape, device=old.device)
-    if isinstance(policy, H2O) and acc is not None:
-        return acc[..., :-1].masked_fill(old > t - policy.recent, torch.inf)
-    if isinstance(policy, TOVA) and probs is not None:
-        return probs[..., :-1]
-    if isinstance(policy, RandomPolicy):
-        return priority(policy.seed, old).double()
-    return None
-
-
 def evict_many(
     policy: Policy,
     t: int,
@@ -118,7 +96,8 @@ def evict_many(
     count: int,
 ) -> Tensor:
     """Evict ``count >= 1`` old candidates at row ``t`` (one = ``select_evict``; more = the
-    policy's choice repeated on the shrinking set, as a sort for the built-in policies).
+    policy's choice repeated on the shrinking set: a sort by ``policy.eviction_scores`` where
+    the policy has them).
 
     positions/acc_scores/probs_now [b,Hkv,m+1] (last = the new key) -> evicted bool [b,Hkv,m].
     """
@@ -126,8 +105,9 @@ def evict_many(
     if count == 1:
         slot = policy.select_evict(t, positions, acc_scores, probs_now)
         return F.one_hot(slot, old.shape[-1]).bool()
-    score = _separable_score(policy, t, old, acc_scores, probs_now)
-    if score is None:
+    try:
+        score = policy.eviction_scores(t, positions, acc_scores, probs_now)
+    except NotImplementedError:  # a policy with only select_evict: repeat it
         return evict_many_sequential(policy, t, positions, acc_scores, probs_now, count)
     order = old.argsort(dim=-1, stable=True)
     order = order.gather(-1, score.gather(-1, order).argsort(dim=-1, stable=True))

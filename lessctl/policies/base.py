@@ -32,7 +32,10 @@ Two faces that agree exactly:
      candidate under the current query ``q_t`` over all ``n + 1`` candidates, summed over the
      group's query heads (see :func:`group_probs`);
 
-   and gets ``slot [B,Hkv]`` in ``[0, n)``: the candidate to evict (never the new key). After
+   and gets ``slot [B,Hkv]`` in ``[0, n)``: the candidate to evict (never the new key). Each
+   built-in policy only defines ``eviction_scores`` (lowest score, then earliest position,
+   leaves first); ``select_evict`` is their arg-min, and a cache evicting several keys at once
+   sorts by them. After
    row ``t`` attends over the ``n`` remaining keys, a cache for an accumulating policy adds that
    row's probabilities over its kept keys (summed over the group) to their ``acc_scores``;
    the evicted key's score is dropped forever. :func:`sequential_evict_at` is exactly this loop.
@@ -121,11 +124,20 @@ class Policy:
     needs_probs: ClassVar[bool] = False
     budget: int | None  # a dataclass field or a property in each subclass
 
+    def eviction_scores(
+        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+    ) -> Tensor:
+        """Scores of the old candidates, candidates [B,Hkv,n+1] -> [B,Hkv,n]: the lowest
+        (ties: earliest position) is evicted first. Evicting several at once (a cache that
+        shrinks a prompt to the budget) takes them in this order."""
+        raise NotImplementedError
+
     def select_evict(
         self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
     ) -> Tensor:
         """Online face (see module doc): candidates [B,Hkv,n+1] -> slot to evict [B,Hkv]."""
-        raise NotImplementedError
+        scores = self.eviction_scores(t, positions, acc_scores, probs_now)
+        return argmin_earliest(scores, positions[..., :-1])
 
     def evict_at(self, q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
         """Parallel face: q [B,H,S,d], k [B,Hkv,S,d] -> evict_at [B,Hkv,S] long."""

@@ -25,7 +25,7 @@ class Full(Policy):
         """q [B,H,S,d], k [B,Hkv,S,d] -> [B,Hkv,S] filled with S."""
         return never_evicted(k)
 
-    def select_evict(
+    def eviction_scores(
         self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
     ) -> Tensor:
         raise RuntimeError("policy 'full' never evicts; a cache must not ask it to")

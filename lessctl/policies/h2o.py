@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lessctl.policies.base import Policy, argmin_earliest, register
+from lessctl.policies.base import Policy, register
 
 
 @register
@@ -40,14 +40,13 @@ class H2O(Policy):
     def budget(self) -> int:  # type: ignore[override]
         return self.heavy + self.recent
 
-    def select_evict(
+    def eviction_scores(
         self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
     ) -> Tensor:
-        """Lowest accumulated score outside the window: [B,Hkv,n+1] -> slot [B,Hkv]."""
+        """Accumulated attention, +inf inside the recent window: [B,Hkv,n+1] -> [B,Hkv,n]."""
         assert acc_scores is not None, "h2o needs acc_scores"
-        old, pos = acc_scores[..., :-1], positions[..., :-1]
-        in_window = pos > t - self.recent
-        return argmin_earliest(old.masked_fill(in_window, torch.inf), pos)
+        in_window = positions[..., :-1] > t - self.recent
+        return acc_scores[..., :-1].masked_fill(in_window, torch.inf)
 
     def with_extra(self, extra: int) -> H2O:
         return H2O(self.heavy + extra // 2, self.recent + extra - extra // 2)

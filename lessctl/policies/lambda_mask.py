@@ -24,11 +24,11 @@ def window_evict_at(k: Tensor, sink: int, recent: int) -> Tensor:
     return e.expand(b, hkv, s).contiguous()
 
 
-def window_select(positions: Tensor, sink: int) -> Tensor:
-    """Evict the earliest non-sink old candidate: positions [B,Hkv,n+1] -> slot [B,Hkv]."""
+def window_scores(positions: Tensor, sink: int) -> Tensor:
+    """+inf for sink tokens, 0 otherwise (ties go to the earliest, so the oldest non-sink
+    leaves first): positions [B,Hkv,n+1] -> [B,Hkv,n]."""
     old = positions[..., :-1]
-    big = torch.iinfo(torch.long).max
-    return torch.where(old < sink, big, old).argmin(-1)
+    return torch.where(old < sink, torch.inf, 0.0)
 
 
 @register
@@ -52,10 +52,10 @@ class LambdaMask(Policy):
         """q [B,H,S,d], k [B,Hkv,S,d] -> evict_at [B,Hkv,S] (closed form)."""
         return window_evict_at(k, self.sink, self.recent)
 
-    def select_evict(
+    def eviction_scores(
         self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
     ) -> Tensor:
-        return window_select(positions, self.sink)
+        return window_scores(positions, self.sink)
 
     def with_extra(self, extra: int) -> LambdaMask:
         return LambdaMask(self.sink, self.recent + extra)

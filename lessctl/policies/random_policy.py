@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lessctl.policies.base import Policy, argmin_earliest, register
+from lessctl.policies.base import Policy, register
 
 _M32 = 0xFFFFFFFF
 
@@ -53,12 +53,11 @@ class RandomPolicy(Policy):
         if self.budget < 1:
             raise ValueError(f"random needs budget >= 1, got {self.budget}")
 
-    def select_evict(
+    def eviction_scores(
         self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
     ) -> Tensor:
-        """Lowest priority among old candidates: [B,Hkv,n+1] -> slot [B,Hkv]."""
-        old = positions[..., :-1]
-        return argmin_earliest(priority(self.seed, old), old)
+        """Seeded pseudo-random priority of each old candidate: [B,Hkv,n+1] -> [B,Hkv,n]."""
+        return priority(self.seed, positions[..., :-1])
 
     def with_extra(self, extra: int) -> RandomPolicy:
         return RandomPolicy(self.budget + extra, self.seed)

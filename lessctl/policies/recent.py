@@ -11,7 +11,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from lessctl.policies.base import Policy, register
-from lessctl.policies.lambda_mask import window_evict_at, window_select
+from lessctl.policies.lambda_mask import window_evict_at, window_scores
 
 
 @register
@@ -30,10 +30,10 @@ class Recent(Policy):
         """q [B,H,S,d], k [B,Hkv,S,d] -> evict_at [B,Hkv,S] (closed form)."""
         return window_evict_at(k, 0, self.budget)
 
-    def select_evict(
+    def eviction_scores(
         self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
     ) -> Tensor:
-        return window_select(positions, 0)
+        return window_scores(positions, 0)
 
     def with_extra(self, extra: int) -> Recent:
         return Recent(self.budget + extra)

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from lessctl.policies.base import Policy, argmin_earliest, register
+from lessctl.policies.base import Policy, register
 
 
 @register
@@ -28,12 +28,12 @@ class TOVA(Policy):
         if self.budget < 1:
             raise ValueError(f"tova needs budget >= 1, got {self.budget}")
 
-    def select_evict(
+    def eviction_scores(
         self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
     ) -> Tensor:
-        """Lowest current probability among old candidates: [B,Hkv,n+1] -> slot [B,Hkv]."""
+        """The current query's probability of each old candidate: [B,Hkv,n+1] -> [B,Hkv,n]."""
         assert probs_now is not None, "tova needs probs_now"
-        return argmin_earliest(probs_now[..., :-1], positions[..., :-1])
+        return probs_now[..., :-1]
 
     def with_extra(self, extra: int) -> TOVA:
         return TOVA(self.budget + extra)
