@@ -9,7 +9,8 @@ with one line, and `--cfg` prints the resolved config and exits.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import typer
@@ -19,6 +20,7 @@ from rich.table import Table
 
 from lessctl.config import load_config, to_yaml
 from lessctl.errors import LessctlError
+from lessctl.runs import Run
 
 app = typer.Typer(
     add_completion=False,
@@ -94,12 +96,20 @@ def assets(
         raise typer.Exit(1)
 
 
-def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig):
-    """Open a run folder for `command` with the config's provenance."""
+@contextmanager
+def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> Iterator[Run]:
+    """A run folder for `command` with the config's provenance; marked `finished` when the
+    block ends, `failed` when it raises (or exits with an error)."""
     from lessctl.config import resolve_device
     from lessctl.runs import start_run
 
-    return start_run(cfg, command, overrides or [], device=str(resolve_device(cfg.device)))
+    run = start_run(cfg, command, overrides or [], device=str(resolve_device(cfg.device)))
+    try:
+        yield run
+    except BaseException:
+        run.finish("failed")
+        raise
+    run.finish()
 
 
 @app.command(context_settings=EXTRA)
@@ -110,22 +120,21 @@ def extract(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
         return
     from lessctl import extract as E
 
-    run = _stage_run("extract", overrides, cfg)
-    man = run_stage(E.run, cfg, log=console.print)
-    run.add_rows(
-        [
-            {
-                "stage": "extract",
-                "model": man["model"],
-                "dataset": man["dataset"],
-                "source": man["source"],
-                "metric": "tokens",
-                "value": man["tokens"],
-                "activations": str(E.extraction_dir(cfg)),
-            }
-        ]
-    )
-    run.finish()
+    with _stage_run("extract", overrides, cfg) as run:
+        man = run_stage(E.run, cfg, log=console.print)
+        run.add_rows(
+            [
+                {
+                    "stage": "extract",
+                    "model": man["model"],
+                    "dataset": man["dataset"],
+                    "source": man["source"],
+                    "metric": "tokens",
+                    "value": man["tokens"],
+                    "activations": str(E.extraction_dir(cfg)),
+                }
+            ]
+        )
     console.print(f"activations: {E.extraction_dir(cfg)}  (run: {run.path})")
 
 
@@ -156,42 +165,41 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> None:
     """One `lessctl train` run: train, save the run folder's rows, print the MSE table."""
     from lessctl import train as T
 
-    run = _stage_run("train", overrides, cfg)
-    out, metrics = run_stage(T.run, cfg, log=console.print)
-    run.update_meta(checkpoint=str(out))
-    rows = []
-    table = Table(title=f"validation MSE per layer ({cfg.policy.name}) → {out}")
-    for col in ("layer", "Baseline", "Baseline+", "LESS", "status"):
-        table.add_column(col)
-    for m in metrics:
-        table.add_row(
-            str(m["layer"]),
-            f"{m['val_baseline_mse']:.4e}",
-            f"{m['val_baseline_plus_mse']:.4e}",
-            f"{m['val_less_mse']:.4e}",
-            m["status"],
-        )
-        for method, key in (
-            ("baseline", "val_baseline_mse"),
-            ("baseline_plus", "val_baseline_plus_mse"),
-            ("less", "val_less_mse"),
-        ):
-            rows.append(
-                {
-                    "stage": "train",
-                    "model": cfg.model.name,
-                    "dataset": cfg.data.name,
-                    "policy": m["policy"],
-                    "budget": m["budget"],
-                    "layer": m["layer"],
-                    "method": method,
-                    "metric": "val_mse",
-                    "value": m[key],
-                    "checkpoint": str(out),
-                }
+    with _stage_run("train", overrides, cfg) as run:
+        out, metrics = run_stage(T.run, cfg, log=console.print)
+        run.update_meta(checkpoint=str(out))
+        rows = []
+        table = Table(title=f"validation MSE per layer ({cfg.policy.name}) → {out}")
+        for col in ("layer", "Baseline", "Baseline+", "LESS", "status"):
+            table.add_column(col)
+        for m in metrics:
+            table.add_row(
+                str(m["layer"]),
+                f"{m['val_baseline_mse']:.4e}",
+                f"{m['val_baseline_plus_mse']:.4e}",
+                f"{m['val_less_mse']:.4e}",
+                m["status"],
             )
-    run.add_rows(rows)
-    run.finish()
+            for method, key in (
+                ("baseline", "val_baseline_mse"),
+                ("baseline_plus", "val_baseline_plus_mse"),
+                ("less", "val_less_mse"),
+            ):
+                rows.append(
+                    {
+                        "stage": "train",
+                        "model": cfg.model.name,
+                        "dataset": cfg.data.name,
+                        "policy": m["policy"],
+                        "budget": m["budget"],
+                        "layer": m["layer"],
+                        "method": method,
+                        "metric": "val_mse",
+                        "value": m[key],
+                        "checkpoint": str(out),
+                    }
+                )
+        run.add_rows(rows)
     console.print(table)
 
 
@@ -207,13 +215,8 @@ def eval_(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
         return
     from lessctl.evaluate import run as run_eval
 
-    run = _stage_run("eval", overrides, cfg)
-    try:
+    with _stage_run("eval", overrides, cfg) as run:
         rows = run_stage(run_eval, cfg, run, log=console.print)
-    except BaseException:
-        run.finish("failed")
-        raise
-    run.finish()
     console.print(f"{len(rows)} rows → {run.path / 'rows.jsonl'}")
 
 
@@ -228,14 +231,13 @@ def bench(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
     from lessctl.config import resolve_device, resolve_dtype
     from lessctl.models import load_model
 
-    run = _stage_run("bench", overrides, cfg)
-    device = resolve_device(cfg.device)
-    model, tok = run_stage(
-        load_model, cfg.model, device, resolve_dtype(cfg.dtype, device), seed=cfg.seed
-    )
-    rows = run_stage(B.run, cfg, model, tok, log=console.print)
-    run.add_rows(rows)
-    run.finish()
+    with _stage_run("bench", overrides, cfg) as run:
+        device = resolve_device(cfg.device)
+        model, tok = run_stage(
+            load_model, cfg.model, device, resolve_dtype(cfg.dtype, device), seed=cfg.seed
+        )
+        rows = run_stage(B.run, cfg, model, tok, log=console.print)
+        run.add_rows(rows)
     console.print(f"{len(rows)} rows → {run.path / 'rows.jsonl'}")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lessctl.config import resolve_device, resolve_dtype
@@ -31,7 +31,8 @@ def extraction_spec(cfg: DictConfig) -> dict[str, Any]:
     """What determines the extracted activations (its hash names the folder)."""
     m, d, e = cfg.model, cfg.data, cfg.extract
     return {
-        "model": {k: m.get(k) for k in ("name", "source", "hub_id", "revision", "path")},
+        "model": OmegaConf.to_container(m, resolve=True),  # geometry of tiny-random included
+        "compute_dtype": str(cfg.dtype),
         "data": {k: d.get(k) for k in ("name", "source", "path")},
         "tokens": int(e.tokens),
         "seq_len": int(e.seq_len),
@@ -89,6 +90,15 @@ def run(cfg: DictConfig, log=print) -> dict[str, Any]:
     chunks = [windows[i : i + bs] for i in range(0, len(windows), bs)]
     store = ShardStore(extraction_dir(cfg))
     done = set(store.done_chunks()) if store.manifest_path.exists() else set()
+    if done:  # resuming: the finished chunks must come from the same text and model
+        old = store.manifest()
+        now = {"source": corpus.source, "sequences": int(len(windows)), "geometry": geo}
+        for key, value in now.items():
+            if old.get(key) != value:
+                raise LessctlError(
+                    f"cannot resume {store.root}: its {key} was {old.get(key)!r}, now {value!r}; "
+                    f"delete the folder or set extract.dir elsewhere"
+                )
     todo = [c for c in range(len(chunks)) if c not in done]
     need = bytes_needed(sum(len(chunks[c]) for c in todo), windows.shape[1], geo, store_dtype)
     store.root.mkdir(parents=True, exist_ok=True)

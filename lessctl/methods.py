@@ -54,10 +54,12 @@ class ParallelAttention:
         return out.transpose(1, 2).contiguous(), None
 
 
-def find_checkpoint(cfg: DictConfig, num_layers: int) -> Path:
-    """`less.ckpt`, or the newest checkpoint under `train.dir` for this model, policy and rank."""
+def find_checkpoint(cfg: DictConfig, num_layers: int, budget: int | None = None) -> Path:
+    """`less.ckpt`, or a complete checkpoint under `train.dir` for this model, policy and rank:
+    one trained at `budget` and with this `less` config first, then the newest."""
     if cfg.less.get("ckpt"):
         return Path(cfg.less.ckpt).expanduser()
+    want_kernel = {k: cfg.less[k] for k in ("hidden", "kind")}
     cands = []
     for man_path in Path(cfg.train.dir).expanduser().glob("*/manifest.json"):
         man = json.loads(man_path.read_text())
@@ -70,19 +72,23 @@ def find_checkpoint(cfg: DictConfig, num_layers: int) -> Path:
             and man["kernel"]["rank"] == int(cfg.less.rank)
             and complete
         ):
-            cands.append(man_path.parent)
+            same_kernel = all(man["kernel"].get(k) == v for k, v in want_kernel.items())
+            newest = max(p.stat().st_mtime for p in man_path.parent.glob("layer_*.safetensors"))
+            cands.append(((man.get("budget") == budget, same_kernel, newest), man_path.parent))
     if not cands:
         raise LessctlError(
             f"no trained LESS checkpoint for model={cfg.model.name} policy={cfg.policy.name} "
             f"less.rank={cfg.less.rank} under {cfg.train.dir}; run `lessctl train` first or "
             f"pass less.ckpt=PATH"
         )
-    return max(cands, key=lambda p: (p / "manifest.json").stat().st_mtime)
+    return max(cands, key=lambda c: c[0])[1]
 
 
-def load_less(cfg: DictConfig, geo: dict[str, int], device) -> tuple[dict[int, LayerKernels], str]:
+def load_less(
+    cfg: DictConfig, geo: dict[str, int], device, budget: int | None = None
+) -> tuple[dict[int, LayerKernels], str]:
     """Trained kernels for every layer; refuses a checkpoint of another model, policy or rank."""
-    path = find_checkpoint(cfg, geo["num_layers"])
+    path = find_checkpoint(cfg, geo["num_layers"], budget)
     if not (path / "manifest.json").exists():
         raise LessctlError(f"less.ckpt={str(path)!r} is not a LESS checkpoint (no manifest.json)")
     man = json.loads((path / "manifest.json").read_text())
@@ -140,7 +146,7 @@ def build_methods(cfg: DictConfig, geo: dict[str, int], seq_len: int, device) ->
         elif n == "baseline_plus":
             out.append(Method(n, baseline_plus(policy, int(cfg.less.rank), geo["head_dim"])))
         elif n == "less":
-            kernels, ckpt = load_less(cfg, geo, device)
+            kernels, ckpt = load_less(cfg, geo, device, policy.budget)
             out.append(Method(n, policy, kernels, ckpt))
         else:
             out.append(Method(n, policy, performer(cfg, geo, device)))

@@ -105,6 +105,8 @@ def load_model(
             raise ModelError(
                 f"model.path={path!r} is neither a .gguf file nor a folder with config.json"
             )
+    elif cfg.source == "local":
+        raise ModelError("model.source=local needs model.path=/a/folder or /a/file.gguf")
     elif cfg.source == "random":
         model, tok = tiny_random_model(cfg, seed=seed).to(dtype), byte_tokenizer()
     elif cfg.source == "embedded":

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from lessctl.data import load_texts, token_windows
+from lessctl.errors import LessctlError
 from lessctl.hooks import use_attention
 from lessctl.methods import Method, ParallelAttention
 
@@ -69,6 +70,8 @@ def run(
         corpus.items, tokenizer, window, window * int(e.windows) if e.windows else None
     )
     words = count_words(tokenizer, windows)
+    if words == 0:
+        raise LessctlError(f"data={cfg.data.name}: the evaluated windows decode to no words")
     rows = []
     for m in methods:
         t0 = time.perf_counter()

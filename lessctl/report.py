@@ -55,6 +55,7 @@ def gap_closed(full: float, plus: float, less: float) -> float:
 
 
 INT_COLS = {
+    "window",
     "budget",
     "layer",
     "layers",
@@ -83,22 +84,21 @@ def _md(df: pd.DataFrame) -> str:
 
 
 def method_table(df: pd.DataFrame, metric: str, lower_is_better: bool) -> pd.DataFrame:
-    """One row per (model, dataset, source, policy, budget): a column per method + gap closed."""
+    """One row per (model, dataset, source, window, policy, budget): a column per method + the
+    gap closed. Full is matched on the same model, dataset, source and window."""
     d = df[df.metric == metric]
-    full = d[d.method == "full"].set_index(["model", "dataset", "source"])["value"]
+    d = d.assign(window=d["window"].fillna(-1) if "window" in d else -1)
+    ctx = ["model", "dataset", "source", "window"]
+    full = d[d.method == "full"].groupby(ctx)["value"].last()
     rest = d[d.method != "full"]
     # baseline_plus/less/performer rows are keyed by the policy's (baseline) budget
-    base_budget = rest[rest.method == "baseline"].set_index(
-        ["model", "dataset", "source", "policy", "_run"]
-    )["budget"]
+    base_budget = rest[rest.method == "baseline"].groupby([*ctx, "policy", "_run"])["budget"].last()
     out = []
-    for key, g in rest.groupby(["model", "dataset", "source", "policy", "_run"], sort=True):
+    for key, g in rest.groupby([*ctx, "policy", "_run"], sort=True):
         budget = base_budget.get(key, g.budget.min())
-        row = dict(zip(["model", "dataset", "source", "policy"], key[:4], strict=True))
+        row = dict(zip([*ctx, "policy"], key[:5], strict=True))
         row["budget"] = int(budget) if budget == budget else None
-        row["Full"] = full.get(key[:3], float("nan"))
-        if isinstance(row["Full"], pd.Series):
-            row["Full"] = row["Full"].iloc[-1]
+        row["Full"] = full.get(key[:4], float("nan"))
         for m in ORDER[1:]:
             v = g[g.method == m]["value"]
             row[LABEL[m]] = v.iloc[-1] if len(v) else float("nan")
@@ -108,8 +108,11 @@ def method_table(df: pd.DataFrame, metric: str, lower_is_better: bool) -> pd.Dat
     t = pd.DataFrame(out)
     if t.empty:
         return t
-    t = t.sort_values(["model", "dataset", "source", "policy", "budget"])
-    return t.drop_duplicates(["model", "dataset", "source", "policy", "budget"], keep="last")
+    keys = [*ctx, "policy", "budget"]
+    t = t.sort_values(keys).drop_duplicates(keys, keep="last")
+    if (t["window"] == -1).all():
+        t = t.drop(columns="window")
+    return t
 
 
 def _figure(path: Path, draw) -> None:
@@ -212,6 +215,8 @@ def run(results_dir: str | Path = "results") -> Path:
             "",
         ]
     keys = [
+        "task",
+        "stage",
         "model",
         "dataset",
         "source",

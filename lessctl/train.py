@@ -70,8 +70,12 @@ def activations(cfg: DictConfig) -> ShardStore:
         )
     if root is None and man["hash"] != store.root.name:
         raise ShardError(f"manifest hash {man['hash']} does not match folder {store.root}")
-    if not store.done_chunks():
-        raise ShardError(f"activation folder {store.root} holds no finished chunk")
+    done = len(store.done_chunks())
+    if done != man["chunks"]:
+        raise ShardError(
+            f"extraction at {store.root} is incomplete ({done}/{man['chunks']} chunks); "
+            f"run `lessctl extract` again with the same overrides to finish it"
+        )
     return store
 
 
@@ -334,21 +338,22 @@ def run(cfg: DictConfig, log=print) -> tuple[Path, list[dict[str, Any]]]:
     )
     out = checkpoint_dir(cfg, man)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        out / "manifest.json",
-        {
-            "spec": train_spec(cfg, man),
-            "model": man["model"],
-            "dataset": man["dataset"],
-            "source": man["source"],
-            "activations": str(store.root),
-            "policy": policy.name,
-            "budget": policy.budget,
-            "seq_len": man["seq_len"],
-            "geometry": geo,
-            "kernel": asdict(kernel_config(cfg, geo)),
-        },
-    )
+    if not (out / "manifest.json").exists():  # same hash, same content: written once
+        write_json_atomic(
+            out / "manifest.json",
+            {
+                "spec": train_spec(cfg, man),
+                "model": man["model"],
+                "dataset": man["dataset"],
+                "source": man["source"],
+                "activations": str(store.root),
+                "policy": policy.name,
+                "budget": policy.budget,
+                "seq_len": man["seq_len"],
+                "geometry": geo,
+                "kernel": asdict(kernel_config(cfg, geo)),
+            },
+        )
     results = []
     for layer in _layers(cfg, geo["num_layers"]):
         done = out / f"layer_{layer:03d}.json"

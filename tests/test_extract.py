@@ -94,3 +94,11 @@ def test_cli_extract_records_run(smoke):
     assert res.exit_code == 0, res.output
     [meta] = list((__import__("pathlib").Path("results/runs/extract")).glob("*/meta.json"))
     assert json.loads(meta.read_text())["status"] == "finished"
+
+
+def test_failed_extract_marks_its_run_failed(smoke, tmp_path):
+    overrides, _ = smoke
+    res = CliRunner().invoke(app, ["extract", *overrides, "extract.dtype=int8"])
+    assert res.exit_code == 2 and "extract.dtype" in res.output
+    [meta] = list(__import__("pathlib").Path("results/runs/extract").glob("*/meta.json"))
+    assert json.loads(meta.read_text())["status"] == "failed"

@@ -50,7 +50,7 @@ def test_report_on_saved_runs_is_deterministic(compose, tmp_path):
     path = write_report(tmp_path)
     text = path.read_text()
     assert (
-        "| m | wikitext2 | embedded:wikitext | h2o | 32 | 10.000 | 30.000 | 20.000 | 15.000 "
+        "| m | wikitext2 | embedded:wikitext | 512 | h2o | 32 | 10.000 | 30.000 | 20.000 | 15.000 "
         "| 25.000 | 0.500 |" in text
     )
     assert "not comparable" in text
@@ -62,3 +62,22 @@ def test_unfinished_runs_are_ignored(compose, tmp_path):
     run = start_run(compose(f"results_dir={tmp_path}"), "eval", [])
     run.add_rows(_rows(32, [10.0, 30.0, 20.0, 15.0, 25.0]))  # never finished
     assert "No finished runs" in write_report(tmp_path).read_text()
+
+
+def test_streaming_rows_do_not_hide_parallel_ones_and_windows_stay_apart(compose, tmp_path):
+    cfg = compose(f"results_dir={tmp_path}")
+    run = start_run(cfg, "eval", [])
+    run.add_rows(_rows(32, [10.0, 30.0, 20.0, 15.0, 25.0]))
+    run.finish()
+    stream = start_run(cfg, "eval", [])
+    stream.add_rows(
+        [{**r, "task": "perplexity_streaming"} for r in _rows(32, [11.0, 31.0, 21.0, 16.0, 26.0])]
+    )
+    stream.finish()
+    wide = start_run(cfg, "eval", [])
+    wide.add_rows([{**r, "window": 1024} for r in _rows(32, [9.0, 19.0, 17.0, 13.0, 18.0])])
+    wide.finish()
+    text = write_report(tmp_path).read_text()
+    assert "parallel form" in text and "evicting cache" in text
+    assert "| 512 | h2o | 32 | 10.000 |" in text  # Full of its own window
+    assert "| 1024 | h2o | 32 | 9.000 |" in text

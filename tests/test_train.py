@@ -118,3 +118,12 @@ def test_multirun_fans_out_layers_with_joblib(extracted, compose, tmp_path):
     out = T.checkpoint_dir(compose(*extracted, "train.epochs=1"), man)
     assert (out / "layer_000.json").exists() and (out / "layer_001.json").exists()
     assert len(list((tmp_path / "sweep").glob("*/.hydra"))) == 2
+
+
+def test_incomplete_extraction_is_refused(extracted, compose):
+    from lessctl.shards import ShardStore
+
+    store = ShardStore(E.extraction_dir(compose(*extracted)))
+    store.marker(2).unlink()  # as if extract was killed during chunk 2
+    with pytest.raises(ShardError, match=r"incomplete \(5/6 chunks\)"):
+        T.run(compose(*extracted), log=lambda *_: None)
