@@ -6,6 +6,10 @@ then `###\\nArticle: <doc>\\n\\nSummary:`. The prompt is processed with full att
 real-eviction cache (lessctl.decoding). Generation stops at `###` or after
 `eval.max_new_tokens`. ROUGE-1/2/L F-measures come from `rouge-score` directly (`evaluate.load`
 fetches a script from the hub and fails offline). Predictions are saved per example.
+
+One policy serves every prompt: a fractional `policy.budget.of=sequence` is a fraction of
+`eval.max_prompt_tokens + eval.max_new_tokens` (the longest sequence allowed), recorded in the
+rows as `max_prompt_tokens`.
 """
 
 from __future__ import annotations
