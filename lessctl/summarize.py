@@ -154,6 +154,7 @@ def run(
             "shots": int(e.shots),
             "sampling": bool(e.sampling),
             "max_new_tokens": int(e.max_new_tokens),
+            "max_prompt_tokens": max_prompt,
             "predictions": str(path),
         }
         means = {k: sum(s[k] for s in scores) / len(scores) for k in ROUGE}
