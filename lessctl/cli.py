@@ -154,7 +154,11 @@ def train(
     if multirun:
         from lessctl.multirun import launch
 
-        raise typer.Exit(launch("train", overrides or []))
+        try:
+            code = launch("train", overrides or [])
+        except LessctlError as err:
+            fail(str(err))
+        raise typer.Exit(code)
     cfg = compose(overrides, print_cfg)
     if cfg is None:
         return

@@ -127,3 +127,20 @@ def test_incomplete_extraction_is_refused(extracted, compose):
     store.marker(2).unlink()  # as if extract was killed during chunk 2
     with pytest.raises(ShardError, match=r"incomplete \(5/6 chunks\)"):
         T.run(compose(*extracted), log=lambda *_: None)
+
+
+def test_multirun_bad_override_is_one_line():
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "-m",
+            "experiment=smoke",
+            "train.layers=0,1",
+            "policy=nope",
+            "hydra/launcher=joblib",
+        ],
+    )
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "unknown policy 'nope'" in lines[0]
