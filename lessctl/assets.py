@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lessctl.atomic import write_jsonl_atomic
 from lessctl.errors import LessctlError
 
 
@@ -136,21 +137,6 @@ def fetch(name: str, root: Path | None = None) -> Path:
             raise AssetError(f"{art.filename}: sha256 {digest} != pinned {art.sha256}")
         os.replace(got, dest)
     return dest
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def write_jsonl_atomic(path: Path, rows: Iterator[dict] | list[dict]) -> int:
-    """Write rows to `path` through a temporary file + rename; return the row count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(f.name, path)
-    return n
 
 
 # ----------------------------------------------------------------------------- corpora

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
@@ -151,14 +150,3 @@ def build_methods(cfg: DictConfig, geo: dict[str, int], seq_len: int, device) ->
         else:
             out.append(Method(n, policy, performer(cfg, geo, device)))
     return out
-
-
-def method_row(m: Method, policy_name: str) -> dict[str, Any]:
-    """Columns that describe a method in a result row (`policy`: the compared policy; `budget`:
-    the tokens this method keeps, None for full)."""
-    return {
-        "method": m.name,
-        "policy": policy_name,
-        "budget": m.policy.budget,
-        "checkpoint": m.checkpoint,
-    }

@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from lessctl.atomic import write_json_atomic
 
 TRACKED = ("torch", "transformers", "datasets", "lessctl")
 
@@ -57,13 +58,6 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "missing"
     return out
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(f.name, path)
 
 
 @dataclass

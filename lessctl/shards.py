@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lessctl.atomic import write_json_atomic
 from lessctl.errors import LessctlError
 
 
@@ -50,14 +51,6 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | N
         if os.path.exists(tmp):
             os.remove(tmp)
     return path.stat().st_size
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 class ShardStore:
