@@ -153,6 +153,7 @@ class EvictingLayer(CacheLayerMixin):
         self.state: LowRankState | None = None
         self.seen = 0
         self.pending = False
+        self.first_evict: Tensor | None = None  # [B] row of the first eviction (accumulate)
 
     # ---- transformers' layer interface -------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -172,6 +173,10 @@ class EvictingLayer(CacheLayerMixin):
         elif self.pads.shape[0] != b:
             raise ValueError(f"attention_mask has {self.pads.shape[0]} rows, the batch has {b}")
         self.pads = self.pads.to(self.device)
+        n = self.policy.budget
+        self.first_evict = torch.full_like(
+            self.pads, torch.iinfo(torch.long).max if n is None else n
+        )
         self.is_initialized = True
 
     def update(
@@ -199,12 +204,12 @@ class EvictingLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.positions = self.acc = None
+        self.keys = self.values = self.positions = self.acc = self.first_evict = None
         self.state = None
         self.seen, self.pending, self.is_initialized = 0, False, False
 
     def _index_batch(self, idx: Tensor) -> None:
-        for name in ("keys", "values", "positions", "acc", "pads"):
+        for name in ("keys", "values", "positions", "acc", "pads", "first_evict"):
             x = getattr(self, name)
             if x is not None:
                 setattr(self, name, x.index_select(0, idx.to(x.device)))
@@ -273,13 +278,14 @@ class EvictingLayer(CacheLayerMixin):
         self.keys = (k * vk).contiguous()
         self.values = (v * vk).contiguous()
         self.positions = torch.where(valid, t, -1)[:, None].expand(b, hkv, s).contiguous()
-        if self.policy.accumulates:
+        if self.policy.accumulates:  # the first eviction comes at max(prompt length, budget)
+            self.first_evict = torch.maximum(s - self.pads, self.first_evict)
             acc = torch.zeros(b, hkv, s, dtype=torch.float32, device=q.device)
             for a in range(0, s, _PREFILL_CHUNK):
                 e = min(a + _PREFILL_CHUNK, s)
                 mask = self._prefill_mask(a, e, valid)[:, None, None]
                 p = group_probs(q[:, :, a:e], k, scale, mask) * valid[:, None, a:e, None]
-                acc += p.sum(2)
+                acc = self.policy.accumulate(acc, p, t[:, a:e], self.positions, self.first_evict)
             self.acc = acc
         self.seen = s
         return out
@@ -322,7 +328,10 @@ class EvictingLayer(CacheLayerMixin):
         out = step_attention(q, self.keys, self.values, phi, self.state, scale, mask)
         if self.acc is not None:
             p = group_probs(q, self.keys, scale, None if mask is None else mask[:, :, None])
-            self.acc += torch.nan_to_num(p[:, :, 0]) * real[:, None, None]
+            p = torch.nan_to_num(p) * real[:, None, None, None]
+            self.acc = self.policy.accumulate(
+                self.acc, p, t[:, None], self.positions, self.first_evict
+            )
         self.seen += 1
         return out
 
@@ -496,6 +505,7 @@ class EvictingCache(Cache):
             dst.keys, dst.values = src.keys.clone(), src.values.clone()
             dst.positions, dst.pads = src.positions.clone(), src.pads.clone()
             dst.acc = None if src.acc is None else src.acc.clone()
+            dst.first_evict = src.first_evict.clone()
             dst.seen = src.seen
         return out
 

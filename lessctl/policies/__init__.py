@@ -19,6 +19,7 @@ from lessctl.policies.h2o import H2O
 from lessctl.policies.lambda_mask import LambdaMask
 from lessctl.policies.random_policy import RandomPolicy
 from lessctl.policies.recent import Recent
+from lessctl.policies.snapkv import SnapKV
 from lessctl.policies.tova import TOVA
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Policy",
     "RandomPolicy",
     "Recent",
+    "SnapKV",
     "baseline_plus",
     "build_policy",
     "get_policy",

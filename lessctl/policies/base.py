@@ -38,7 +38,9 @@ Two faces that agree exactly:
    sorts by them. After
    row ``t`` attends over the ``n`` remaining keys, a cache for an accumulating policy adds that
    row's probabilities over its kept keys (summed over the group) to their ``acc_scores``;
-   the evicted key's score is dropped forever. :func:`sequential_evict_at` is exactly this loop.
+   the evicted key's score is dropped forever (rows before the first eviction go through
+   ``policy.accumulate``, which SnapKV uses for its observation window).
+   :func:`sequential_evict_at` is exactly this loop.
 
 ``keep_mask(evict_at)`` expands a decision to a dense ``[B,Hkv,S,S]`` mask (tests, small S).
 """
@@ -124,6 +126,20 @@ class Policy:
     needs_probs: ClassVar[bool] = False
     budget: int | None  # a dataclass field or a property in each subclass
 
+    def accumulate(
+        self, acc: Tensor, probs: Tensor, rows: Tensor, positions: Tensor, first_evict: Tensor
+    ) -> Tensor:
+        """Add attended rows to ``acc_scores`` (accumulating policies; called after they attend).
+
+        acc [B,Hkv,m]; probs [B,Hkv,R,m]: R rows' probabilities over the m slots, summed over
+        the group (0 for padding rows and empty slots); rows [B,R] long: the rows' positions;
+        positions [B,Hkv,m]: the slots' key positions (-1 empty); first_evict [B] long: the row
+        of the first eviction -> acc [B,Hkv,m]. Default (H2O): ``acc + probs.sum(2)``. Rows
+        ``>= first_evict`` must be added this way (the sequential driver relies on it); rows
+        before may be weighted or transformed (SnapKV).
+        """
+        return acc + probs.sum(2)
+
     def eviction_scores(
         self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
     ) -> Tensor:
@@ -174,7 +190,14 @@ def sequential_evict_at(policy: Policy, q: Tensor, k: Tensor, scale: float | Non
     if policy.accumulates:  # rows < n attend causally over the first n keys
         causal = torch.ones(n, n, dtype=torch.bool, device=k.device).tril()
         logits = (qg[..., :n, :] @ kbuf[:, :, None, :, :n]).masked_fill(~causal, float("-inf"))
-        acc[..., :n] = logits.softmax(-1).sum((2, 3))
+        rows = torch.arange(n, device=k.device).expand(b, n)
+        acc[..., :n] = policy.accumulate(
+            acc[..., :n],
+            logits.softmax(-1).sum(2),
+            rows,
+            pos[..., :n],
+            torch.full_like(rows[:, 0], n),
+        )
     for t in range(n, s):
         kbuf[..., n] = kt_all[..., t]
         pos[..., n] = t

@@ -9,11 +9,16 @@ Config schema (a mapping)::
     heavy_ratio: 0.5                # h2o: share of the budget for heavy hitters (rest recent)
     sink: 4                         # lambda: sink tokens (rest recent)
     seed: 0                         # random
+    window: 0.5                     # snapkv: window tokens (int) or share of the budget (float)
+    kernel: 5                       # snapkv: pooling kernel (odd)
+    pooling: avg                    # snapkv: avg or max
 
 Fractions follow the official LESS code: ``int(size * ref)``; for h2o each part separately,
 ``heavy = int(size * heavy_ratio * ref)``, ``recent = int(size * (1 - heavy_ratio) * ref)``
 (Llama 2 7B "5% H2O" = 102 heavy + 102 recent). Integer sizes split as
 ``heavy = int(size * heavy_ratio)``, ``recent = size - heavy``. ``full`` takes no budget.
+For snapkv the budget splits into ``window`` (an int in [1, total]: tokens; a float in (0, 1):
+``max(1, int(window * total))``) and ``heavy = total - window``.
 Bad values raise a one-line ValueError naming the value and what is allowed.
 """
 
@@ -81,12 +86,29 @@ def build_policy(cfg: Mapping[str, Any], *, seq_len: int, max_position_embedding
         return get_policy("lambda", sink=sink, recent=total - sink)
     if name == "random":
         return get_policy("random", budget=total, seed=int(cfg.get("seed", 0)))
+    if name == "snapkv":
+        return _snapkv(cfg, total)
     return get_policy(name, budget=total)
+
+
+def _snapkv(cfg: Mapping[str, Any], total: int) -> Policy:
+    """snapkv: ``window`` tokens of the budget for the window, the rest kept by score."""
+    w = cfg.get("window", 0.5)
+    ok_int = isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= total
+    if not (ok_int or (isinstance(w, float) and 0.0 < w < 1.0)):
+        raise ValueError(
+            f"policy window={w!r} is invalid; allowed: an int in [1, {total}] (tokens of the "
+            "budget) or a float in (0, 1) (share of the budget)"
+        )
+    if isinstance(w, float):
+        w = max(1, int(w * total))
+    kernel, pooling = cfg.get("kernel", 5), cfg.get("pooling", "avg")
+    return get_policy("snapkv", heavy=total - w, window=w, kernel=kernel, pooling=pooling)
 
 
 def baseline_plus(policy: Policy, rank: int, head_dim: int) -> Policy:
     """Baseline+: ``policy`` with the tokens a rank-``rank`` state costs,
     ``round((rank * head_dim + rank) / (2 * head_dim))`` (R=8, d=128: +4; h2o 2 heavy + 2 recent,
-    lambda to recent, others to budget; ``full`` unchanged)."""
+    lambda to recent, snapkv to heavy, others to budget; ``full`` unchanged)."""
     extra = round((rank * head_dim + rank) / (2 * head_dim))
     return policy.with_extra(extra)

@@ -15,6 +15,7 @@ from lessctl.policies import (
     LambdaMask,
     RandomPolicy,
     Recent,
+    SnapKV,
     baseline_plus,
     build_policy,
     get_policy,
@@ -58,6 +59,11 @@ def test_official_fractions_llama2_7b():
         ({"name": "recent", "budget": {"size": 0.0001}}, "gives 0 tokens"),
         ({"name": "lambda", "budget": {"size": 4}, "sink": 4}, "sink=4"),
         ({"name": "h2o", "budget": {"size": 8}, "heavy_ratio": 2.0}, "heavy_ratio=2.0"),
+        ({"name": "snapkv", "budget": {"size": 8}, "window": 9}, "window=9"),
+        ({"name": "snapkv", "budget": {"size": 8}, "window": 0}, "window=0"),
+        ({"name": "snapkv", "budget": {"size": 8}, "window": 1.0}, "window=1.0"),
+        ({"name": "snapkv", "budget": {"size": 8}, "kernel": 4}, "kernel=4"),
+        ({"name": "snapkv", "budget": {"size": 8}, "pooling": "sum"}, "pooling='sum'"),
     ],
 )
 def test_bad_budgets_are_one_line_value_errors(cfg, needle):
@@ -83,6 +89,9 @@ def test_baseline_plus_adds_state_memory():
     assert baseline_plus(Recent(10), rank=8, head_dim=128) == Recent(14)
     assert baseline_plus(RandomPolicy(10, 5), rank=8, head_dim=128) == RandomPolicy(14, 5)
     assert baseline_plus(Full(), rank=8, head_dim=128) == Full()
+    assert baseline_plus(SnapKV(100, 32, 7, "max"), rank=8, head_dim=128) == SnapKV(
+        104, 32, 7, "max"
+    )
     assert baseline_plus(H2O(10, 10), rank=16, head_dim=64).budget == 20 + 8  # round(8.125)
 
 
@@ -93,3 +102,17 @@ def test_registry_and_budgets():
         get_policy("x")
     with pytest.raises(ValueError):
         LambdaMask(4, 0)
+
+
+def test_snapkv_budget_splits_into_window_and_heavy():
+    cfg = yaml.safe_load((CONF / "snapkv.yaml").read_text())
+    p = build_policy(cfg, seq_len=4096, max_position_embeddings=4096)
+    assert p == SnapKV(heavy=102, window=102, kernel=5, pooling="avg") and p.budget == 204
+    tokens = {"name": "snapkv", "budget": {"size": 64}, "window": 16, "pooling": "max"}
+    assert build_policy(tokens, seq_len=512, max_position_embeddings=512) == SnapKV(
+        48, 16, 5, "max"
+    )
+    share = {"name": "snapkv", "budget": {"size": 10}, "window": 0.25, "kernel": 7}
+    assert build_policy(share, seq_len=512, max_position_embeddings=512) == SnapKV(8, 2, 7)
+    tiny = {"name": "snapkv", "budget": {"size": 1}, "window": 0.5}  # at least one window token
+    assert build_policy(tiny, seq_len=512, max_position_embeddings=512) == SnapKV(0, 1)

@@ -14,6 +14,7 @@ from lessctl.policies import (
     LambdaMask,
     RandomPolicy,
     Recent,
+    SnapKV,
     group_probs,
     keep_mask,
 )
@@ -50,6 +51,15 @@ def lowbias32(x: int) -> int:
     return x ^ (x >> 16)
 
 
+def naive_pool(score: dict[int, float], kernel: int, pooling: str) -> dict[int, float]:
+    """1-D pooling over positions 0..m-1 (zero padding; avg divides by the kernel)."""
+    r, m = kernel // 2, len(score)
+    near = {j: [score[i] for i in range(max(0, j - r), min(m, j + r + 1))] for j in score}
+    if pooling == "avg":
+        return {j: sum(v) / kernel for j, v in near.items()}
+    return {j: max(v) for j, v in near.items()}
+
+
 def naive(policy, q, k) -> torch.Tensor:
     """The definitions, one (b, h_kv) and one row at a time, with Python lists and dicts."""
     b, hkv = k.shape[:2]
@@ -68,6 +78,9 @@ def naive(policy, q, k) -> torch.Tensor:
                     elif isinstance(policy, H2O):
                         others = [j for j in kept if j <= t - policy.recent]
                         victim = min(others, key=lambda j: (score[j], j))
+                    elif isinstance(policy, SnapKV):
+                        others = [j for j in kept if j <= t - policy.window]
+                        victim = min(others, key=lambda j: (score[j], j))
                     elif isinstance(policy, TOVA):
                         p = row_probs(q, k, bi, hk, t, kept + [t])
                         victim = min(kept, key=lambda j: (p[j], j))
@@ -83,6 +96,13 @@ def naive(policy, q, k) -> torch.Tensor:
                 if isinstance(policy, H2O):  # attend, then accumulate
                     for j, p in row_probs(q, k, bi, hk, t, kept).items():
                         score[j] = score.get(j, 0.0) + p
+                if isinstance(policy, SnapKV):  # observation rows n-w..n-1, pool, then as H2O
+                    if t >= n - policy.window:
+                        for j, p in row_probs(q, k, bi, hk, t, kept).items():
+                            score[j] = score.get(j, 0.0) + p
+                    if t == n - 1:
+                        full = {j: score.get(j, 0.0) for j in range(n)}
+                        score = naive_pool(full, policy.kernel, policy.pooling)
     return out
 
 
@@ -95,6 +115,10 @@ POLICIES = [
     H2O(heavy=4, recent=0),
     TOVA(11),
     RandomPolicy(12, seed=7),
+    SnapKV(heavy=6, window=5),
+    SnapKV(heavy=8, window=3, kernel=7, pooling="max"),
+    SnapKV(heavy=9, window=1, kernel=1),
+    SnapKV(heavy=0, window=10),
 ]
 
 
@@ -156,8 +180,9 @@ def drive_online(policy, q, k) -> torch.Tensor:
         else:
             pos = cand
             acc = torch.cat([acc, torch.zeros(b, hkv, 1, dtype=acc.dtype)], -1)
-        if policy.accumulates:
-            acc = acc + probs(t, pos)
+        if policy.accumulates:  # the policy's own rule (a plain sum for h2o)
+            rows, first = torch.full((b, 1), t), torch.full((b,), n)
+            acc = policy.accumulate(acc, probs(t, pos)[:, :, None], rows, pos, first)
     return evict_at
 
 

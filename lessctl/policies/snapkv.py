@@ -1,0 +1,115 @@
+"""``snapkv`` (Li et al., 2024): at the first eviction, score every key by the attention the last
+``window`` rows gave it (the observation window), pooled over neighbouring keys; keep the top
+``heavy`` keys plus the last ``window`` keys; from then on accumulate attention as H2O does.
+
+Budget ``n = heavy + window``. Let ``o`` be the row of the first eviction (the observation point):
+
+- parallel face / streaming cache: ``o = n``, the first row past the budget (the "prompt" is the
+  first ``n`` tokens, which every row ``< n`` attends to in full);
+- prompt protocol of the cache (a prompt of ``T`` tokens, full causal attention, then the
+  excess evicted at the first decoded row): ``o = max(T, n)``.
+
+Scores. Rows ``r`` in ``[o - window, o)`` (before ``o`` nothing is evicted, so each attends to
+every key ``<= r``) add their softmax probabilities, summed over the KV group's query heads;
+rows before ``o - window`` add nothing. After row ``o - 1`` the sums are pooled over key
+positions, 1-D with ``kernel`` (odd) and stride 1: ``avg`` (zero padding, divided by ``kernel``,
+as kvpress) or ``max`` (as the SnapKV code). From row ``o`` on (decoding), every row adds its
+probabilities over its kept set, exactly as H2O, and an evicted key's score is gone forever.
+
+Eviction ("evict, then attend"), at every row ``t >= o``: the last ``window`` keys
+(``t - window + 1 .. t``, the new key included, as H2O's ``recent``) are kept; among the other
+candidates the lowest score goes (ties: earliest position). At ``o`` this keeps the top
+``heavy`` keys by pooled observation score plus the window: SnapKV's prompt compression (the
+window keys are the last ``window - 1`` observation rows' keys plus the new one). After ``o``
+it is H2O(heavy, window) seeded with the observation scores.
+
+Both faces share :meth:`SnapKV.accumulate`; the parallel face is
+:func:`~lessctl.policies.base.sequential_evict_at` (O(S * n * d)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lessctl.policies.base import Policy, register
+
+POOLINGS = ("avg", "max")
+
+
+def pool_by_position(scores: Tensor, positions: Tensor, kernel: int, pooling: str) -> Tensor:
+    """Pool ``scores`` over neighbouring key positions (stride 1, ``kernel // 2`` padding).
+
+    scores, positions [B,Hkv,m] -> [B,Hkv,m]. Kept keys must be contiguous in position (true
+    before the first eviction); empty slots (position -1, score 0) sort first and act as padding.
+    """
+    order = positions.argsort(dim=-1, stable=True)
+    s = scores.gather(-1, order)
+    flat = s.reshape(-1, 1, s.shape[-1])
+    if pooling == "avg":
+        pooled = F.avg_pool1d(flat, kernel, 1, kernel // 2, count_include_pad=True)
+    else:
+        pooled = F.max_pool1d(flat, kernel, 1, kernel // 2)
+    return torch.empty_like(scores).scatter_(-1, order, pooled.view_as(s))
+
+
+@register
+@dataclass(frozen=True)
+class SnapKV(Policy):
+    """Observation-window scores, pooled, then H2O-style accumulation (module doc).
+
+    ``heavy >= 0`` keys kept by score, ``window >= 1`` recent keys / observation rows,
+    ``kernel`` odd >= 1, ``pooling`` in ``avg``, ``max``.
+    """
+
+    heavy: int = 32
+    window: int = 32
+    kernel: int = 5
+    pooling: str = "avg"
+    name: ClassVar[str] = "snapkv"
+    accumulates: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.heavy < 0 or self.window < 1:
+            raise ValueError(f"snapkv needs heavy >= 0 and window >= 1; got {self}")
+        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"snapkv kernel={self.kernel!r} is invalid; allowed: an odd int >= 1")
+        if self.pooling not in POOLINGS:
+            raise ValueError(
+                f"snapkv pooling={self.pooling!r} is invalid; allowed: {', '.join(POOLINGS)}"
+            )
+
+    @property
+    def budget(self) -> int:  # type: ignore[override]
+        return self.heavy + self.window
+
+    def accumulate(
+        self, acc: Tensor, probs: Tensor, rows: Tensor, positions: Tensor, first_evict: Tensor
+    ) -> Tensor:
+        """Observation rows add, rows before them do not; after row ``o - 1`` pool (module doc).
+
+        acc [B,Hkv,m], probs [B,Hkv,R,m], rows [B,R], positions [B,Hkv,m], first_evict [B]
+        -> [B,Hkv,m]. No host sync: the pooled scores are selected with ``where``.
+        """
+        o = first_evict[:, None]
+        counts = (rows >= o - self.window).to(probs.dtype)[:, None, :, None]
+        acc = acc + (probs * counts).sum(2)
+        closes = (rows == o - 1).any(-1)[:, None, None]  # [B,1,1]: row o - 1 is in this call
+        pooled = pool_by_position(acc, positions, self.kernel, self.pooling)
+        return torch.where(closes, pooled, acc)
+
+    def eviction_scores(
+        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+    ) -> Tensor:
+        """Accumulated (pooled-seeded) scores, +inf in the window: [B,Hkv,n+1] -> [B,Hkv,n]."""
+        assert acc_scores is not None, "snapkv needs acc_scores"
+        in_window = positions[..., :-1] > t - self.window
+        return acc_scores[..., :-1].masked_fill(in_window, torch.inf)
+
+    def with_extra(self, extra: int) -> SnapKV:
+        """Baseline+: the extra tokens are kept by score (the window is a method setting)."""
+        return self.replace(heavy=self.heavy + extra)  # type: ignore[return-value]
