@@ -16,6 +16,7 @@ POLICIES = {
     "lambda": dict(sink=2, recent=14),
     "h2o": dict(heavy=8, recent=8),
     "tova": dict(budget=16),
+    "snapkv": dict(heavy=10, window=6, kernel=5),
 }
 
 
@@ -129,6 +130,7 @@ def test_right_padding_is_refused():
         ("tova", dict(budget=8)),
         ("recent", dict(budget=8)),
         ("random", dict(budget=8, seed=2)),
+        ("snapkv", dict(heavy=5, window=3)),
     ],
 )
 def test_bulk_eviction_fast_path_equals_repeated_select(name, params):

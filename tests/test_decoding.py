@@ -41,6 +41,7 @@ def left_padded(tok):
         ("lambda", dict(sink=2, recent=14), False),
         ("h2o", dict(heavy=8, recent=8), True),
         ("tova", dict(budget=16), True),
+        ("snapkv", dict(heavy=4, window=6, pooling="max"), True),
     ],
 )
 def test_left_padded_batch_equals_each_alone(tiny_model, name, params, with_kernels):
