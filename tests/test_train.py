@@ -55,6 +55,14 @@ def test_h2o_trains(extracted, compose):
     assert all(m["policy"] == "h2o" and m["budget"] == 16 for m in metrics)
 
 
+def test_snapkv_trains_with_its_baseline_plus(extracted, compose):
+    over = ["policy=snapkv", "policy.budget.size=16", "policy.window=4", "train.layers=[0]"]
+    _, metrics = T.run(compose(*extracted, *over, "train.epochs=1"), log=lambda *_: None)
+    (m,) = metrics
+    assert m["policy"] == "snapkv" and m["budget"] == 16 and m["budget_plus"] > 16
+    assert m["val_baseline_plus_mse"] != m["val_baseline_mse"]  # the extra heavy tokens count
+
+
 def test_bad_inputs_are_one_line(extracted, compose, tmp_path):
     with pytest.raises(ValueError, match="exceeds the context"):
         T.run(compose(*extracted, "policy.budget.size=65"), log=lambda *_: None)
