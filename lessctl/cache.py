@@ -25,10 +25,12 @@ Protocols (``protocol=``):
   T rows in order inside each layer, which is exactly T one-token forwards).
 - ``"prompt"`` (the paper's generation protocol): the first forward (the prompt, T tokens) uses
   full causal attention and caches all of it (H2O scores: full-attention probabilities summed
-  over the prompt rows). The first decoded row then evicts the whole excess at once, i.e. the
-  ``T + 1 - n`` candidates the policy would drop one after another from that candidate set
-  (``select_evict`` repeated on the shrinking set; :func:`evict_many` uses an equivalent sort for
-  policies with ``eviction_scores``), all folded into the state; from then on one token per row.
+  over the prompt rows, through ``policy.accumulate``; SnapKV counts only its observation
+  window, the rows before the first eviction at ``first_evict = max(prompt length, budget)``).
+  The first decoded row then evicts the whole excess at once, i.e. the ``T + 1 - n``
+  candidates the policy would drop one after another from that candidate set (``select_evict``
+  repeated on the shrinking set; :func:`evict_many` uses an equivalent sort for policies with
+  ``eviction_scores``), all folded into the state; from then on one token per row.
 
 Batches: left padding only (``attention_mask`` given to the constructor). Padding tokens are
 never cached as candidates, never count towards budgets or scores, and positions are per
