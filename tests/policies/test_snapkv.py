@@ -83,3 +83,29 @@ def test_prompt_no_longer_than_budget_equals_parallel_form(prompt):
     for i, t in enumerate([prompt - 1, *range(prompt, 40)]):
         want = torch.stack([torch.stack([m.nonzero()[:, 0] for m in row]) for row in mask[:, :, t]])
         assert torch.equal(kept[i], want), t
+
+
+def test_padded_batch_with_prompts_both_sides_of_the_budget_equals_each_alone():
+    """One prompt longer than the budget (first eviction at its end), one shorter (first eviction
+    at the budget), left-padded into one batch: each decides and attends as it would alone."""
+    policy, steps, pad = SnapKV(heavy=9, window=6, kernel=3), 12, 8  # budget 15
+    q, k, v = qkv(20 + steps, seed=13)
+    pads = torch.tensor([0, pad])
+
+    def run(qq, kk, vv, prompt, pads=None):
+        layer = EvictingLayer(policy, protocol="prompt", pads=pads)
+        outs, kept = [], []
+        for a, e in [(0, prompt)] + [(t, t + 1) for t in range(prompt, qq.shape[2])]:
+            layer.update(kk[:, :, a:e], vv[:, :, a:e])
+            outs.append(layer.attend(qq[:, :, a:e], kk[:, :, a:e], vv[:, :, a:e], None))
+            kept.append(layer.positions.sort(-1).values)
+        return torch.cat(outs, 2), kept
+
+    batch, kept_b = run(q, k, v, 20, pads)
+    long, kept_l = run(q[:1], k[:1], v[:1], 20)
+    short, kept_s = run(q[1:, :, pad:], k[1:, :, pad:], v[1:, :, pad:], 12)
+    assert (batch[0] - long[0]).abs().max() < 1e-5
+    assert (batch[1, :, pad:] - short[0]).abs().max() < 1e-5
+    assert kept_b[-1][0].tolist() == kept_l[-1][0].tolist()
+    assert kept_b[-1][1].tolist() == kept_s[-1][0].tolist()
+    assert kept_l[-1].shape[-1] == kept_s[-1].shape[-1] == policy.budget
