@@ -24,6 +24,7 @@ import torch
 from typer.testing import CliRunner
 
 import lessctl.decoding as decoding
+from lessctl.cache import EvictingCache
 from lessctl.cli import app
 from lessctl.decoding import generate, stream_logits
 from lessctl.extract import Capture
@@ -251,7 +252,7 @@ def test_every_stage_refuses_falcon(stage, tmp_path, monkeypatch):
     assert res.exit_code == 2, res.output
     lines = [x for x in res.output.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and "model type falcon" in lines[0], res.output
-    assert not list(tmp_path.glob("**/results.jsonl")) and not list(tmp_path.glob("**/*.csv"))
+    assert not list(tmp_path.glob("**/rows.jsonl"))  # nothing was evaluated
 
 
 # ---- 4. what a layer cannot see --------------------------------------------------------------
@@ -368,10 +369,7 @@ def test_training_target_is_the_layers_own_attention(family):
 
 @pytest.mark.parametrize(
     "family",
-    [
-        pytest.param(f, marks=[] if f in ("gemma2", "mistral") else pytest.mark.slow)
-        for f in FAMILIES
-    ],
+    [pytest.param(f, marks=[] if f == "gemma2" else pytest.mark.slow) for f in FAMILIES],
 )
 def test_pipeline(family, tmp_path, monkeypatch):
     monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
@@ -384,6 +382,8 @@ def test_pipeline(family, tmp_path, monkeypatch):
         f"model.sliding_window={WINDOW * 2}",
         f"data.path={tmp_path / 't.txt'}",
         "train.epochs=1",
+        "extract.tokens=768",
+        "eval.windows=1",
     ]
     runner = CliRunner()
     for stage in ("extract", "train"):
@@ -391,8 +391,36 @@ def test_pipeline(family, tmp_path, monkeypatch):
         assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["eval", *ov, "eval.methods=[full,baseline,less]"])
     assert res.exit_code == 0, res.output
-    rows = [json.loads(x) for p in tmp_path.glob("**/results.jsonl") for x in p.open()]
-    methods = {r.get("method") for r in rows}
-    assert {"full", "baseline", "less"} <= methods, methods
-    res = runner.invoke(app, ["bench", *ov])
+    rows = [json.loads(x) for p in tmp_path.glob("**/rows.jsonl") for x in p.open()]
+    assert {"full", "baseline", "less"} <= {r.get("method") for r in rows}, rows
+    res = runner.invoke(app, ["bench", *ov, "bench.contexts=[32]"])
     assert res.exit_code == 0, res.output
+    bench = [json.loads(x) for p in tmp_path.glob("**/rows.jsonl") for x in p.open()]
+    assert len(bench) > len(rows)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_prompt_protocol_keeps_only_the_window(family):
+    """After a prompt of 14 tokens and one decoded row with budget 6 < window 8, a sliding
+    layer holds 6 keys, all inside the window, and its state only keys that are inside it too;
+    a left-padded batch decodes exactly as each sequence alone."""
+    model, kern = model_of(family), kernels_for(model_of(family))
+    views = views_of(family)
+    ids = ids_of(6, 14)
+    cache = EvictingCache.for_model(model, EVICTING, kern, protocol="prompt")
+    with cache.attached(model), torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+        model(ids[:, :1], cache=cache, use_cache=True, position_ids=torch.tensor([[14]]))
+    for layer, view in zip(cache.layers, views, strict=True):
+        pos = layer.positions
+        assert ((pos >= 0).sum(-1) == 6).all()
+        if view["window"] is not None:
+            assert (pos > 14 - view["window"]).all()
+            assert layer.fpos is not None and (layer.fpos[layer.fpos >= 0] > 14 - WINDOW).all()
+    a, b = ids_of(7, 15)[0], ids_of(8, 11)[0]
+    batch = torch.full((2, 15), 256)
+    batch[0], batch[1, 4:] = a, b
+    mask = (batch != 256).long()
+    both = generate(model, batch, mask, EVICTING, kern, max_new_tokens=10)
+    alone = [generate(model, x[None], None, EVICTING, kern, max_new_tokens=10)[0] for x in (a, b)]
+    assert both == alone
