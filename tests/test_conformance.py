@@ -424,3 +424,36 @@ def test_prompt_protocol_keeps_only_the_window(family):
     both = generate(model, batch, mask, EVICTING, kern, max_new_tokens=10)
     alone = [generate(model, x[None], None, EVICTING, kern, max_new_tokens=10)[0] for x in (a, b)]
     assert both == alone
+
+
+def test_device_map_passes_through_to_accelerate(tmp_path, monkeypatch):
+    """`model.device_map` reaches from_pretrained (accelerate places the modules; here all on
+    CPU, the only device) and the evicting cache and kernels run on the placed model. A real
+    multi-device split cannot be tested on this CPU-only machine."""
+    from lessctl.models import byte_tokenizer, load_model
+
+    src = model_of("mistral")
+    src.save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    import transformers
+
+    seen, real = [], transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*a, **kw):
+        seen.append(kw.get("device_map"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    cfg = {"source": "local", "path": str(tmp_path / "m"), "device_map": "auto"}
+    model, _ = load_model(_Cfg(cfg), "cpu", torch.float32)
+    assert seen == ["auto"]
+    ids, kern = ids_of(9, 12), kernels_for(model)
+    par = parallel_logits(model, ids, EVICTING, kern)
+    assert torch.allclose(par, parallel_logits(src, ids, EVICTING, kern), atol=1e-5)
+    assert torch.allclose(stream_logits(model, ids, EVICTING, kern, chunk=4), par, atol=1e-4)
+
+
+class _Cfg(dict):
+    """A dict with attribute access (what load_model reads from a model config)."""
+
+    __getattr__ = dict.get
