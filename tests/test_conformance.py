@@ -298,6 +298,31 @@ def _tova_reference(q, k, n, w, scale, softcap) -> torch.Tensor:
     return out
 
 
+def _h2o_reference(q, k, heavy, recent, w, scale, softcap) -> torch.Tensor:
+    """Independent loop (one batch row): H2O inside a sliding window -> evict_at [Hkv,S]."""
+    _, h, s, d = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    out = torch.full((hkv, s), s, dtype=torch.long)
+    for head in range(hkv):
+        kept: list[int] = []
+        acc = torch.zeros(s, dtype=torch.float64)
+        for t in range(s):
+            if t - w in kept:
+                kept.remove(t - w)
+                out[head, t - w] = t
+            elif len(kept) + 1 > heavy + recent:
+                old = [j for j in kept if j <= t - recent]
+                j = min(old, key=lambda j: (float(acc[j]), j))
+                kept.remove(j)
+                out[head, j] = t
+            kept.append(t)
+            qs = q[0, head * g : (head + 1) * g, t].double()
+            logit = capped(qs @ k[0, head, kept].double().T * scale, softcap)
+            acc[kept] += logit.softmax(-1).sum(0)
+    return out
+
+
 @pytest.mark.parametrize("family", SLIDING)
 def test_policy_chooses_inside_the_window(family):
     model = model_of(family)
@@ -307,6 +332,8 @@ def test_policy_chooses_inside_the_window(family):
         ev = layer_evict_at(get_policy("tova", budget=5), q, k, scaling, window, softcap)
         ref = _tova_reference(q, k, 5, window, scaling, softcap)
         assert torch.equal(ev[0], ref)
+        ev_h2o = layer_evict_at(EVICTING, q, k, scaling, window, softcap)
+        assert torch.equal(ev_h2o[0], _h2o_reference(q, k, 3, 3, window, scaling, softcap))
         keep = keep_mask(ev)[0]  # [Hkv,S,S]
         t = torch.arange(S)
         assert not (keep & (t[None, :] <= t[:, None] - window)).any()  # nothing outside
