@@ -32,6 +32,13 @@ Protocols (``protocol=``):
   repeated on the shrinking set; :func:`evict_many` uses an equivalent sort for policies with
   ``eviction_scores``), all folded into the state; from then on one token per row.
 
+Sliding windows (the layer's ``sliding_window``, module :mod:`lessctl.policies.base`): before
+row ``t`` evicts, a kept key ``t - w`` *expires*: it leaves memory without entering the state and
+takes the place of the policy's eviction at that row; a key the policy folded into the state
+while inside the window is taken out of it again at row ``j + w`` (the layer keeps such keys'
+K/V until then, at most ``w - n`` tokens). Soft-capping (``softcap``) and the layer's
+``scaling`` apply to every logit.
+
 Batches: left padding only (``attention_mask`` given to the constructor). Padding tokens are
 never cached as candidates, never count towards budgets or scores, and positions are per
 sequence, so every sequence decides exactly as it would alone (rows at different positions call
@@ -48,7 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from lessctl.hooks import use_attention
+from lessctl.hooks import refuse_unknown_kwargs, use_attention
+from lessctl.less.attention import kept_attention
 from lessctl.less.kernels import LayerKernels
 from lessctl.less.state import LowRankState, step_attention
 from lessctl.policies.base import Policy, group_probs
@@ -156,6 +164,12 @@ class EvictingLayer(CacheLayerMixin):
         self.seen = 0
         self.pending = False
         self.first_evict: Tensor | None = None  # [B] row of the first eviction (accumulate)
+        self.window: int | None = None
+        self.softcap: float | None = None
+        # policy-evicted tokens still inside the window: K/V/positions [B,Hkv,f,(d)], -1 empty
+        self.fkeys: Tensor | None = None
+        self.fvalues: Tensor | None = None
+        self.fpos: Tensor | None = None
 
     # ---- transformers' layer interface -------------------------------------------------------
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -168,6 +182,7 @@ class EvictingLayer(CacheLayerMixin):
         if self.policy.accumulates:
             self.acc = torch.zeros(b, hkv, 0, dtype=torch.float32, device=self.device)
         if self.kernels is not None:
+            self.kernels = self.kernels.to(self.device)  # kernels follow the layer's device
             r = self.kernels.cfg.rank
             self.state = LowRankState.zeros(b, hkv, r, value_states.shape[-1], self.device)
         if self.pads is None:
@@ -207,11 +222,13 @@ class EvictingLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.positions = self.acc = self.first_evict = None
+        self.fkeys = self.fvalues = self.fpos = None
         self.state = None
         self.seen, self.pending, self.is_initialized = 0, False, False
 
     def _index_batch(self, idx: Tensor) -> None:
-        for name in ("keys", "values", "positions", "acc", "pads", "first_evict"):
+        names = ("keys", "values", "positions", "acc", "pads", "first_evict")
+        for name in (*names, "fkeys", "fvalues", "fpos"):
             x = getattr(self, name)
             if x is not None:
                 setattr(self, name, x.index_select(0, idx.to(x.device)))
@@ -233,8 +250,17 @@ class EvictingLayer(CacheLayerMixin):
 
     # ---- memory ------------------------------------------------------------------------------
     def tensors(self) -> list[Tensor]:
-        """Every tensor this layer holds (K, V, positions, scores, state)."""
-        out = [x for x in (self.keys, self.values, self.positions, self.acc) if x is not None]
+        """Every tensor this layer holds (K, V, positions, scores, state, folded window keys)."""
+        held = (
+            self.keys,
+            self.values,
+            self.positions,
+            self.acc,
+            self.fkeys,
+            self.fvalues,
+            self.fpos,
+        )
+        out = [x for x in held if x is not None]
         if self.state is not None:
             out += [self.state.H, self.state.z]
         return out
@@ -243,11 +269,21 @@ class EvictingLayer(CacheLayerMixin):
         return sum(x.numel() * x.element_size() for x in self.tensors())
 
     # ---- attention ---------------------------------------------------------------------------
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
-        """Cache the new tokens and attend: q [B,H,T,d], k/v [B,Hkv,T,d] -> [B,H,T,d]."""
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        scale: float | None,
+        window: int | None = None,
+        softcap: float | None = None,
+    ) -> Tensor:
+        """Cache the new tokens and attend: q [B,H,T,d], k/v [B,Hkv,T,d] -> [B,H,T,d].
+        ``window``, ``softcap``: the layer's sliding window and logit soft-capping."""
         if not self.pending:
             raise RuntimeError("EvictingCache attention called without a cache update")
         self.pending = False
+        self.window, self.softcap = window, softcap
         if self.protocol == "prompt" and self.seen == 0:
             return self._prefill(q, k, v, scale)
         outs = [
@@ -263,18 +299,23 @@ class EvictingLayer(CacheLayerMixin):
         t = torch.arange(s, device=q.device)[None] - self.pads[:, None]  # [B,S]
         valid = t >= 0
         kk, vv = k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1)
-        if bool(valid.all()):
+        plain = self.window is None and self.softcap is None
+        if plain and bool(valid.all()):
             out = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=scale)
         else:  # padding keys masked; a padding row attends to itself only (finite, unused)
             outs = []
             for a in range(0, s, _PREFILL_CHUNK):
                 e = min(a + _PREFILL_CHUNK, s)
-                mask = self._prefill_mask(a, e, valid)[:, None]
-                outs.append(
-                    F.scaled_dot_product_attention(
-                        q[:, :, a:e], kk, vv, attn_mask=mask, scale=scale
+                mask = self._prefill_mask(a, e, valid)
+                if plain:
+                    outs.append(
+                        F.scaled_dot_product_attention(
+                            q[:, :, a:e], kk, vv, attn_mask=mask[:, None], scale=scale
+                        )
                     )
-                )
+                else:
+                    o, _ = kept_attention(q[:, :, a:e], k, v, mask[:, None], scale, self.softcap)
+                    outs.append(o.to(q.dtype))
             out = torch.cat(outs, 2)
         vk = valid[:, None, :, None]
         self.keys = (k * vk).contiguous()
@@ -286,19 +327,23 @@ class EvictingLayer(CacheLayerMixin):
             for a in range(0, s, _PREFILL_CHUNK):
                 e = min(a + _PREFILL_CHUNK, s)
                 mask = self._prefill_mask(a, e, valid)[:, None, None]
-                p = group_probs(q[:, :, a:e], k, scale, mask) * valid[:, None, a:e, None]
+                p = group_probs(q[:, :, a:e], k, scale, mask, self.softcap)
+                p = p * valid[:, None, a:e, None]
                 acc = self.policy.accumulate(acc, p, t[:, a:e], self.positions, self.first_evict)
             self.acc = acc
         self.seen = s
         return out
 
-    @staticmethod
-    def _prefill_mask(a: int, e: int, valid: Tensor) -> Tensor:
-        """Rows [a, e) of the causal mask over valid keys (+ diagonal): -> bool [B, e-a, S]."""
+    def _prefill_mask(self, a: int, e: int, valid: Tensor) -> Tensor:
+        """Rows [a, e) of the causal (and sliding-window) mask over valid keys (+ diagonal):
+        -> bool [B, e-a, S]."""
         s = valid.shape[1]
         r = torch.arange(a, e, device=valid.device)[:, None]
         j = torch.arange(s, device=valid.device)[None]
-        return ((j <= r) & valid[:, None, :]) | (j == r)
+        seen = j <= r
+        if self.window is not None:
+            seen = seen & (j > r - self.window)
+        return (seen & valid[:, None, :]) | (j == r)
 
     def _groups(self, t: Tensor, sel: Tensor) -> list[tuple[int, Tensor | None]]:
         """Rows ``sel`` grouped by their position ``t`` [B]; ``None`` = all rows."""
@@ -313,6 +358,8 @@ class EvictingLayer(CacheLayerMixin):
         n = self.policy.budget
         t = self.seen - self.pads  # [B] this row's position in each sequence
         real = t >= 0
+        if self.window is not None and self.fpos is not None:
+            self._release(t)
         newpos = torch.where(real, t, -1)[:, None, None].expand(b, hkv, 1)
         m = self.keys.shape[2]
         all_valid = bool((self.positions >= 0).all())
@@ -327,9 +374,10 @@ class EvictingLayer(CacheLayerMixin):
             self._evict_general(q, k, v, t, newpos, need, scale)
         mask = None if bool((self.positions >= 0).all()) else (self.positions >= 0)[:, :, None]
         phi = self.kernels.phi(q.float()) if self.kernels is not None else None
-        out = step_attention(q, self.keys, self.values, phi, self.state, scale, mask)
+        out = step_attention(q, self.keys, self.values, phi, self.state, scale, mask, self.softcap)
         if self.acc is not None:
-            p = group_probs(q, self.keys, scale, None if mask is None else mask[:, :, None])
+            m3 = None if mask is None else mask[:, :, None]
+            p = group_probs(q, self.keys, scale, m3, self.softcap)
             p = torch.nan_to_num(p) * real[:, None, None, None]
             self.acc = self.policy.accumulate(
                 self.acc, p, t[:, None], self.positions, self.first_evict
@@ -339,7 +387,49 @@ class EvictingLayer(CacheLayerMixin):
 
     def _probs(self, q: Tensor, cand: Tensor, scale: float | None) -> Tensor | None:
         """probs_now over candidate keys [b,Hkv,c,d] (TOVA) -> [b,Hkv,c], else None."""
-        return group_probs(q, cand, scale)[:, :, 0] if self.policy.needs_probs else None
+        if not self.policy.needs_probs:
+            return None
+        return group_probs(q, cand, scale, None, self.softcap)[:, :, 0]
+
+    def _expired(self, pos: Tensor, t: Tensor) -> Tensor:
+        """Kept slots outside the window at rows t [B]: pos [B,Hkv,m] -> bool [B,Hkv,m]."""
+        if self.window is None:
+            return torch.zeros_like(pos, dtype=torch.bool)
+        return (pos >= 0) & (pos <= (t - self.window)[:, None, None])
+
+    def _fold(self, k_ev: Tensor, v_ev: Tensor, pos_ev: Tensor, mask: Tensor) -> None:
+        """Add policy-evicted tokens [B,Hkv,e,(d)] (where ``mask``) to the state; on a sliding
+        layer also remember them until they leave the window."""
+        if self.state is None:
+            return
+        self.state.absorb(self.kernels.psi(k_ev.float()), v_ev, mask)
+        if self.window is None:
+            return
+        pos_ev = torch.where(mask, pos_ev, -1)
+        if self.fpos is None:
+            self.fkeys, self.fvalues, self.fpos = (
+                k_ev * mask[..., None],
+                v_ev * mask[..., None],
+                pos_ev,
+            )
+        else:
+            self.fkeys = torch.cat([self.fkeys, k_ev * mask[..., None]], 2)
+            self.fvalues = torch.cat([self.fvalues, v_ev * mask[..., None]], 2)
+            self.fpos = torch.cat([self.fpos, pos_ev], 2)
+
+    def _release(self, t: Tensor) -> None:
+        """Take folded tokens that leave the window at rows t [B] out of the state."""
+        gone = self._expired(self.fpos, t)
+        if bool(gone.any()):
+            self.state.release(self.kernels.psi(self.fkeys.float()), self.fvalues, gone)
+            self.fpos = torch.where(gone, -1, self.fpos)
+        live = self.fpos >= 0
+        size = int(live.sum(-1).max())
+        if size < self.fpos.shape[-1]:
+            order = _first(live, size)
+            gi = order[..., None].expand(*order.shape, self.fkeys.shape[-1])
+            self.fkeys, self.fvalues = self.fkeys.gather(2, gi), self.fvalues.gather(2, gi)
+            self.fpos = self.fpos.gather(-1, order)
 
     def _evict_one(
         self, q: Tensor, k: Tensor, v: Tensor, t: Tensor, newpos: Tensor, scale: float | None
@@ -360,10 +450,13 @@ class EvictingLayer(CacheLayerMixin):
                     None if acc is None else acc[rows],
                     None if probs is None else probs[rows],
                 )
+        gone = self._expired(self.positions, t)  # the key leaving the window goes first
+        has_gone = gone.any(-1)
+        slot = torch.where(has_gone, gone.long().argmax(-1), slot)
         idx = slot[:, :, None, None].expand(b, hkv, 1, d)
         if self.state is not None:
             k_ev, v_ev = self.keys.gather(2, idx), self.values.gather(2, idx)
-            self.state.absorb(self.kernels.psi(k_ev.float()), v_ev)
+            self._fold(k_ev, v_ev, self.positions.gather(2, slot[..., None]), ~has_gone[..., None])
         self.keys.scatter_(2, idx, k)
         self.values.scatter_(2, idx, v)
         self.positions.scatter_(2, slot[..., None], newpos)
@@ -386,8 +479,10 @@ class EvictingLayer(CacheLayerMixin):
         P = torch.cat([self.positions, newpos], -1)
         A = None if self.acc is None else F.pad(self.acc, (0, 1))
         valid = P >= 0
-        ev = torch.zeros_like(valid)
-        sel = need > 0
+        ev = torch.zeros_like(valid)  # evicted by the policy (folded into the state)
+        gone = self._expired(P, t)  # left the window (dropped)
+        gone[..., -1] = False
+        sel = (need > 0) | gone.any((1, 2))
         if bool(sel.any()):
             for tv, rows in self._groups(t, sel):
                 r = slice(None) if rows is None else rows
@@ -395,8 +490,19 @@ class EvictingLayer(CacheLayerMixin):
                 if int(need[r].min()) != cnt:
                     raise RuntimeError("rows at one position hold different numbers of tokens")
                 vo = valid[r][..., :-1]
-                c = int(vo[0, 0].sum())
-                vidx = _first(vo, c)  # valid old slots [b',Hkv,c]
+                go = gone[r][..., :-1]
+                ngone = go.sum(-1)  # [b',Hkv]
+                x = int(ngone.max())
+                if x == int(ngone.min()):  # the same number left the window on every head
+                    cand_mask, count = vo & ~go, cnt - x
+                elif cnt == 1:  # one drop per head: the expired key where there is one
+                    cand_mask, count = vo, 1
+                else:
+                    raise RuntimeError("heads at one position lost different numbers of tokens")
+                if count <= 0:
+                    continue
+                c = int(cand_mask[0, 0].sum())
+                vidx = _first(cand_mask, c)  # candidate old slots [b',Hkv,c]
                 pos_s = _sub(P[r], vidx)
                 acc_s = None if A is None else _sub(A[r], vidx)
                 probs = None
@@ -404,17 +510,18 @@ class EvictingLayer(CacheLayerMixin):
                     gi = vidx[..., None].expand(*vidx.shape, d)
                     cand = torch.cat([K[r][:, :, :-1].gather(2, gi), k[r]], 2)
                     probs = self._probs(q[r], cand, scale)
-                e = evict_many(self.policy, tv, pos_s, acc_s, probs, cnt)
+                e = evict_many(self.policy, tv, pos_s, acc_s, probs, count)
                 full = torch.zeros_like(valid[r])
                 full[..., :-1].scatter_(-1, vidx, e)
-                ev[r] = full
-            if self.state is not None:
+                ev[r] = full & ~(ngone > 0)[..., None] if x != int(ngone.min()) else full
+            if self.state is not None and bool(ev.any()):
                 emax = int(ev.sum(-1).max())
                 eidx = _first(ev, emax)
                 gi = eidx[..., None].expand(*eidx.shape, d)
-                psi = self.kernels.psi(K.gather(2, gi).float())
-                self.state.absorb(psi, V.gather(2, gi), ev.gather(-1, eidx))
-        keep = valid & ~ev
+                self._fold(
+                    K.gather(2, gi), V.gather(2, gi), P.gather(-1, eidx), ev.gather(-1, eidx)
+                )
+        keep = valid & ~ev & ~gone
         size = int(keep.sum(-1).max())
         order = _first(keep, size)
         kept = keep.gather(-1, order)
@@ -476,10 +583,14 @@ class EvictingCache(Cache):
         value: Tensor,
         attention_mask,
         scaling: float | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
         **kw,
     ) -> tuple[Tensor, None]:
         """Registered attention function: query [B,H,T,d] -> (out [B,T,H,d], None)."""
-        out = self.layers[module.layer_idx].attend(query, key, value, scaling)
+        refuse_unknown_kwargs(module, kw)
+        layer = self.layers[module.layer_idx]
+        out = layer.attend(query, key, value, scaling, sliding_window, softcap)
         return out.transpose(1, 2).contiguous(), None
 
     @contextmanager

@@ -20,8 +20,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from lessctl.config import resolve_device, resolve_dtype
 from lessctl.data import load_texts, token_windows
 from lessctl.errors import LessctlError
-from lessctl.hooks import attention_layers, sdpa, use_attention
+from lessctl.hooks import attention_layers, check_supported, sdpa, use_attention
+from lessctl.less.attention import parallel_attention
 from lessctl.models import attention_geometry, load_model
+from lessctl.policies.base import expire, never_evicted
 from lessctl.shards import ShardStore, config_hash, save_atomic
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -48,7 +50,8 @@ def extraction_dir(cfg: DictConfig) -> Path:
 
 
 class Capture:
-    """Attention function that records q, k, v per layer, then runs SDPA."""
+    """Attention function that records q, k, v per layer, then runs the layer's own attention
+    (SDPA with the model's mask; the exact fp32 form where the layer soft-caps)."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
@@ -60,6 +63,18 @@ class Capture:
             "k": key.detach().to("cpu", self.dtype),
             "v": value.detach().to("cpu", self.dtype),
         }
+        if kw.get("softcap") is not None:
+            ev = expire(never_evicted(key), kw.get("sliding_window"))
+            out = parallel_attention(
+                query,
+                key,
+                value,
+                ev,
+                scale=kw.get("scaling"),
+                window=kw.get("sliding_window"),
+                softcap=kw["softcap"],
+            )
+            return out.transpose(1, 2).contiguous(), None
         return sdpa(module, query, key, value, attention_mask, **kw)
 
 
@@ -77,6 +92,7 @@ def run(cfg: DictConfig, log=print) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     model, tok = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device), seed=cfg.seed)
     geo = attention_geometry(model)
+    views = check_supported(model)
     if not attention_layers(model):
         raise LessctlError(f"model {cfg.model.name} has no attention layers with o_proj to capture")
     corpus = load_texts(cfg.data)
@@ -126,6 +142,7 @@ def run(cfg: DictConfig, log=print) -> dict[str, Any]:
         "dtype": e.dtype,
         "geometry": geo,
         "scaling": float(attention_layers(model)[0].scaling),
+        "layers": views,  # per layer: the scaling, sliding window and softcap it attends with
     }
     store.write_manifest(manifest)
     o_proj = {}

@@ -21,9 +21,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from lessctl.errors import LessctlError
+from lessctl.hooks import refuse_unknown_kwargs
 from lessctl.less.attention import parallel_attention
 from lessctl.less.kernels import KernelConfig, LayerKernels
-from lessctl.policies.base import Policy
+from lessctl.policies.base import Policy, layer_evict_at
 from lessctl.policies.budget import baseline_plus, build_policy
 
 METHODS = ("full", "baseline", "baseline_plus", "less", "performer")
@@ -43,13 +44,27 @@ class ParallelAttention:
     def __init__(self, policy: Policy, kernels: dict[int, LayerKernels] | None = None):
         self.policy, self.kernels = policy, kernels
 
-    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
-        ev = self.policy.evict_at(query, key, scaling)
+    def __call__(
+        self,
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        scaling=None,
+        sliding_window=None,
+        softcap=None,
+        **kw,
+    ):
+        refuse_unknown_kwargs(module, kw)
+        ev = layer_evict_at(self.policy, query, key, scaling, sliding_window, softcap)
         phi = psi = None
         if self.kernels is not None:
-            kern = self.kernels[module.layer_idx]
+            kern = self.kernels[module.layer_idx].to(query.device)  # follows the layer's device
             phi, psi = kern.phi(query.float()), kern.psi(key.float())
-        out = parallel_attention(query, key, value, ev, phi, psi, scale=scaling)
+        out = parallel_attention(
+            query, key, value, ev, phi, psi, scale=scaling, window=sliding_window, softcap=softcap
+        )
         return out.transpose(1, 2).contiguous(), None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -49,26 +49,92 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
-def tiny_random_model(cfg: Any, seed: int = 0):
-    """A small Llama with grouped-query attention and seeded random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "falcon")
 
-    config = LlamaConfig(
+
+def tiny_config(family: str, cfg: Any):
+    """A tiny config of ``family``'s own transformers config class (257 byte tokens).
+
+    ``cfg``: hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
+    intermediate_size, max_position_embeddings, and ``sliding_window`` (the window of the
+    sliding layers of mistral, qwen2, gemma2, gemma3 and phi3).
+    """
+    import transformers as tf
+
+    get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+    window = get("sliding_window", None) or 16
+    common = dict(
         vocab_size=257,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position_embeddings,
+        hidden_size=get("hidden_size"),
+        num_hidden_layers=get("num_hidden_layers"),
+        num_attention_heads=get("num_attention_heads"),
+        num_key_value_heads=get("num_key_value_heads"),
+        intermediate_size=get("intermediate_size"),
+        max_position_embeddings=get("max_position_embeddings"),
         eos_token_id=256,
         bos_token_id=256,
         pad_token_id=256,
         tie_word_embeddings=False,
     )
+    n = common["num_hidden_layers"]
+    if family == "llama":
+        return tf.LlamaConfig(**common)
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=window)
+    if family == "qwen2":  # q/k/v biases; the sliding window on for layers >= 1
+        return tf.Qwen2Config(
+            **common, use_sliding_window=True, sliding_window=window, max_window_layers=1
+        )
+    if family == "gemma2":  # alternating sliding/global layers, attention soft-capping
+        return tf.Gemma2Config(
+            **common,
+            head_dim=common["hidden_size"] // common["num_attention_heads"],
+            sliding_window=window,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=30.0,
+            query_pre_attn_scalar=24,
+        )
+    if family == "gemma3":  # sliding/global layer types, one KV head, head_dim 256
+        common["num_key_value_heads"] = 1
+        return tf.Gemma3TextConfig(
+            **common,
+            head_dim=256,
+            sliding_window=window,
+            query_pre_attn_scalar=64,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)],
+        )
+    if family == "phi3":
+        return tf.Phi3Config(**common, sliding_window=window)
+    if family == "falcon":  # the 7B layout: multi-query, parallel attention, rotary
+        return tf.FalconConfig(
+            vocab_size=257,
+            hidden_size=common["hidden_size"],
+            num_hidden_layers=n,
+            num_attention_heads=common["num_attention_heads"],
+            multi_query=True,
+            parallel_attn=True,
+            new_decoder_architecture=False,
+            alibi=False,
+            bias=False,
+            max_position_embeddings=common["max_position_embeddings"],
+            eos_token_id=256,
+            bos_token_id=256,
+        )
+    raise ModelError(f"unknown model.family {family!r}; allowed: {', '.join(FAMILIES)}")
+
+
+def tiny_random_model(cfg: Any, seed: int = 0):
+    """A small model of ``cfg.family`` (default: a Llama with grouped-query attention) with
+    seeded random weights."""
+    from transformers import AutoModelForCausalLM
+
+    get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+    config = tiny_config(get("family", None) or "llama", cfg)
+    if getattr(config, "attn_logit_softcapping", None):
+        config._attn_implementation = "eager"  # SDPA cannot soft-cap
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
         # random init has tiny std; widen it so attention patterns are non-trivial
         for p in model.parameters():
             if p.dim() == 2:
@@ -76,10 +142,14 @@ def tiny_random_model(cfg: Any, seed: int = 0):
     return model
 
 
-def _from_pretrained(where: str | Path, revision: str | None, dtype: torch.dtype, **kw):
+def _from_pretrained(
+    where: str | Path, revision: str | None, dtype: torch.dtype, device_map=None, **kw
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(where, revision=revision, **kw)
+    if device_map is not None:  # accelerate places the layers (across GPUs, CPU)
+        kw["device_map"] = device_map if isinstance(device_map, str) else dict(device_map)
     model = AutoModelForCausalLM.from_pretrained(where, revision=revision, dtype=dtype, **kw)
     return model, tok
 
@@ -91,16 +161,24 @@ def load_model(
     seed: int = 0,
     attn_implementation: str = "sdpa",
 ):
-    """Load the model described by a `model/` config. Returns `(model, tokenizer)`."""
+    """Load the model described by a `model/` config. Returns `(model, tokenizer)`.
+
+    ``model.device_map`` (e.g. ``auto``, or a module -> device mapping) is passed to
+    ``from_pretrained`` (accelerate) so a model larger than one device loads across several;
+    then ``device`` is not applied. Models that soft-cap attention logits run eagerly (the
+    reference path; SDPA cannot soft-cap).
+    """
     path = cfg.get("path")
+    device_map = cfg.get("device_map")
+    fp = partial(_from_pretrained, device_map=device_map)
     if path:
         p = Path(path).expanduser()
         if not p.exists():
             raise ModelError(f"model.path={path!r} does not exist")
         if p.suffix == ".gguf":
-            model, tok = _from_pretrained(p.parent, None, dtype, gguf_file=p.name)
+            model, tok = fp(p.parent, None, dtype, gguf_file=p.name)
         elif (p / "config.json").exists():
-            model, tok = _from_pretrained(p, None, dtype)
+            model, tok = fp(p, None, dtype)
         else:
             raise ModelError(
                 f"model.path={path!r} is neither a .gguf file nor a folder with config.json"
@@ -110,13 +188,11 @@ def load_model(
     elif cfg.source == "random":
         model, tok = tiny_random_model(cfg, seed=seed).to(dtype), byte_tokenizer()
     elif cfg.source == "embedded":
-        model, tok = _from_pretrained(assets.build_model(), None, dtype)
+        model, tok = fp(assets.build_model(), None, dtype)
     elif cfg.source == "hub":
         if not hub_reachable():
             try:  # a copy in the local HF cache still works offline
-                model, tok = _from_pretrained(
-                    cfg.hub_id, cfg.get("revision"), dtype, local_files_only=True
-                )
+                model, tok = fp(cfg.hub_id, cfg.get("revision"), dtype, local_files_only=True)
             except OSError:
                 raise ModelError(
                     f"model {cfg.hub_id!r} cannot be reached on the Hugging Face hub from here "
@@ -124,21 +200,33 @@ def load_model(
                     f"model.path=/local/folder"
                 ) from None
         else:
-            model, tok = _from_pretrained(cfg.hub_id, cfg.get("revision"), dtype)
+            model, tok = fp(cfg.hub_id, cfg.get("revision"), dtype)
     else:
         raise ModelError(
             f"unknown model.source {cfg.source!r}; allowed: embedded, hub, random, local"
         )
+    text = model.config.get_text_config(decoder=True)
+    if getattr(text, "attn_logit_softcapping", None) and attn_implementation == "sdpa":
+        attn_implementation = "eager"
     model.config._attn_implementation = attn_implementation
-    model.to(device).eval().requires_grad_(False)
+    if text is not model.config:
+        text._attn_implementation = attn_implementation
+    if device_map is None or cfg.source == "random":
+        model.to(device)
+    model.eval().requires_grad_(False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
 
 
 def attention_geometry(model) -> dict[str, int]:
-    """Layers, query heads, KV heads, head dim of a decoder model; refuses models without them."""
-    c = model.config
+    """Layers, query heads, KV heads, head dim of a decoder model; refuses (one line) models
+    without them and models whose attention the harness cannot honour
+    (:func:`lessctl.hooks.check_supported`)."""
+    from lessctl.hooks import check_supported
+
+    check_supported(model)
+    c = model.config.get_text_config(decoder=True)
     try:
         n_layers = c.num_hidden_layers
         n_heads = c.num_attention_heads

@@ -33,6 +33,7 @@ from lessctl.errors import LessctlError
 from lessctl.extract import extraction_dir
 from lessctl.less.attention import combine, low_rank_attention, sparse_attention
 from lessctl.less.kernels import KernelConfig, LayerKernels
+from lessctl.policies.base import expire, layer_evict_at, never_evicted
 from lessctl.policies.budget import baseline_plus, build_policy
 from lessctl.shards import ShardError, ShardStore, config_hash, save_atomic, write_json_atomic
 
@@ -119,8 +120,19 @@ def _o_proj(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.linear(x.transpose(1, 2).reshape(n, s, h * d), w["weight"], w.get("bias"))
 
 
-def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax attention in fp32, GQA-aware: [n,H,S,d]."""
+def full_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The layer's own attention (the training target) in fp32, GQA-aware: [n,H,S,d]. Causal
+    softmax, with the layer's sliding ``window`` and logit ``softcap`` where it has them."""
+    if window is not None or softcap is not None:
+        ev = expire(never_evicted(k), window)
+        return sparse_attention(q, k, v, ev, scale, softcap=softcap)[0]
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -135,6 +147,9 @@ class LayerData:
         self.store, self.layer, self.scale, self.device = store, layer, scale, device
         self.policy, self.plus, self.cache = policy, plus, cache_dir
         self.w = {k: v.to(device) for k, v in store.o_proj(layer).items()}
+        view = (store.manifest().get("layers") or [{}] * (layer + 1))[layer]
+        self.window, self.softcap = view.get("window"), view.get("softcap")
+        self.scale = scale if view.get("scaling") is None else view["scaling"]
         if not self.w:
             raise ShardError(f"o_proj weights of layer {layer} missing in {store.root}")
 
@@ -153,18 +168,21 @@ class LayerData:
             pre = {k: v.to(self.device) for k, v in load_file(p).items()}
         else:
             q, k, v = raw["q"], raw["k"], raw["v"]
-            ev = self.policy.evict_at(q, k, self.scale)
-            out, lse = sparse_attention(q, k, v, ev, self.scale)
+            sc, w, cap = self.scale, self.window, self.softcap
+            ev = layer_evict_at(self.policy, q, k, sc, w, cap)
+            out, lse = sparse_attention(q, k, v, ev, sc, softcap=cap)
             pre = {
-                "target": _o_proj(full_attention(q, k, v, self.scale), self.w),
+                "target": _o_proj(full_attention(q, k, v, sc, w, cap), self.w),
                 "evict_at": ev,
                 "sparse_out": out,
                 "sparse_lse": lse,
             }
             if validation:
                 pre["baseline"] = _o_proj(out, self.w)
-                ev_plus = self.plus.evict_at(q, k, self.scale)
-                pre["plus"] = _o_proj(sparse_attention(q, k, v, ev_plus, self.scale)[0], self.w)
+                ev_plus = layer_evict_at(self.plus, q, k, sc, w, cap)
+                pre["plus"] = _o_proj(
+                    sparse_attention(q, k, v, ev_plus, sc, softcap=cap)[0], self.w
+                )
             save_atomic({k: t.cpu() for k, t in pre.items()}, p)
         return {**raw, **pre}
 
@@ -241,7 +259,7 @@ def train_layer(
 
     def predict(b: dict[str, torch.Tensor]) -> torch.Tensor:
         phi, psi = kern.phi(b["q"]), kern.psi(b["k"])
-        num, den = low_rank_attention(phi, psi, b["v"], b["evict_at"])
+        num, den = low_rank_attention(phi, psi, b["v"], b["evict_at"], window=data.window)
         return _o_proj(combine(b["sparse_out"], b["sparse_lse"], num, den), data.w)
 
     def validate() -> dict[str, float]:

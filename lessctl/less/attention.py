@@ -20,6 +20,11 @@ Shapes: q [B,H,S,d]; k, v [B,Hkv,S,d]; evict_at [B,Hkv,S] long; phi_q [B,H,S,R];
   chunks with a carried [R, d] state per KV head (causal-linear-attention style).
 - :func:`parallel_attention`: both, combined; :func:`masked_attention`: the quadratic S x S
   reference (official code's form) for tests and benchmarks.
+
+A layer's own view (:mod:`lessctl.policies.base`): ``softcap`` caps every logit before the
+softmax; with a sliding ``window`` w, ``evict_at`` comes from
+:func:`~lessctl.policies.base.layer_evict_at` (``evict_at[j] <= j + w``) and the state of row t
+holds only the policy-evicted keys still inside the window, ``evict_at[j] <= t < j + w``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lessctl.policies.base import default_scale, keep_mask
+from lessctl.policies.base import capped, default_scale, keep_mask
 
 F32 = torch.float32
 
@@ -38,7 +43,12 @@ def _grouped(x: Tensor, hkv: int) -> Tensor:
 
 
 def kept_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention over given keys, fp32.
 
@@ -49,7 +59,7 @@ def kept_attention(
     b, h, t, d = q.shape
     hkv = k.shape[1]
     s = torch.einsum("bkgtd,bkmd->bkgtm", _grouped(q.to(F32), hkv), k.to(F32))
-    s = s * default_scale(d, scale)
+    s = capped(s * default_scale(d, scale), softcap)
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
         s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))
@@ -81,7 +91,13 @@ def combine(sparse_out: Tensor, sparse_lse: Tensor, num: Tensor, den: Tensor) ->
 
 
 def sparse_attention(
-    q: Tensor, k: Tensor, v: Tensor, evict_at: Tensor, scale: float | None = None, chunk: int = 128
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    evict_at: Tensor,
+    scale: float | None = None,
+    chunk: int = 128,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention over each row's kept set, in row chunks (fp32).
 
@@ -103,22 +119,40 @@ def sparse_attention(
         t = torch.arange(a, e, device=q.device)[:, None]
         mask = ok[..., None, :] & (idx[..., None, :] <= t) & (t < ei[..., None, :])
         gi = idx[..., None].expand(*idx.shape, k.shape[-1])
-        o, lse = kept_attention(q[:, :, a:e], k.gather(2, gi), v.gather(2, gi), mask, scale)
+        o, lse = kept_attention(
+            q[:, :, a:e], k.gather(2, gi), v.gather(2, gi), mask, scale, softcap
+        )
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 def low_rank_attention(
-    phi_q: Tensor, psi_k: Tensor, v: Tensor, evict_at: Tensor, chunk: int = 128
+    phi_q: Tensor,
+    psi_k: Tensor,
+    v: Tensor,
+    evict_at: Tensor,
+    chunk: int = 128,
+    window: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The state part ``(phi H_t, phi z_t)`` for every row, O(S * R * d), fp32.
 
     phi_q [B,H,S,R], psi_k [B,Hkv,S,R], v [B,Hkv,S,d], evict_at [B,Hkv,S]
     -> (num [B,H,S,d], den [B,H,S]). Keys are sorted by ``evict_at``; for row chunk [a, b) the
     carried state holds keys with ``evict_at < a``, keys with ``a <= evict_at < b`` are added
-    per row inside the chunk and then folded into the carry.
+    per row inside the chunk and then folded into the carry. ``window`` w: a key the policy
+    evicted (``evict_at[j] < j + w``) leaves the state again at row ``j + w`` (subtracted);
+    one that expired (``evict_at[j] == j + w``) never enters it.
     """
+    if window is not None:
+        s = evict_at.shape[-1]
+        end = torch.arange(s, device=evict_at.device) + window
+        folded = evict_at < end
+        fold_at = torch.where(folded, evict_at, s)
+        drop_at = torch.where(folded, end.clamp(max=s), s)
+        num, den = low_rank_attention(phi_q, psi_k, v, fold_at, chunk)
+        num_gone, den_gone = low_rank_attention(phi_q, psi_k, v, drop_at, chunk)
+        return num - num_gone, (den - den_gone).clamp(min=0)
     b, h, s, r = phi_q.shape
     hkv, d = v.shape[1], v.shape[-1]
     order = evict_at.argsort(dim=-1, stable=True)
@@ -165,17 +199,22 @@ def parallel_attention(
     scale: float | None = None,
     sparse: tuple[Tensor, Tensor] | None = None,
     chunk: int = 128,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """LESS attention for all rows at once -> [B,H,S,d] in q's dtype.
 
     ``phi_q=None``: no state (the plain sparse policy). ``sparse``: a precomputed
-    :func:`sparse_attention` result to reuse (it does not depend on phi/psi).
+    :func:`sparse_attention` result to reuse (it does not depend on phi/psi). ``window``,
+    ``softcap``: the layer's own view (module doc).
     """
-    out, lse = sparse if sparse is not None else sparse_attention(q, k, v, evict_at, scale, chunk)
+    if sparse is None:
+        sparse = sparse_attention(q, k, v, evict_at, scale, chunk, softcap)
+    out, lse = sparse
     if phi_q is None:
         return out.to(q.dtype)
     assert psi_k is not None, "phi_q given without psi_k"
-    num, den = low_rank_attention(phi_q, psi_k, v, evict_at, chunk)
+    num, den = low_rank_attention(phi_q, psi_k, v, evict_at, chunk, window)
     return combine(out, lse, num, den).to(q.dtype)
 
 
@@ -187,21 +226,27 @@ def masked_attention(
     phi_q: Tensor | None = None,
     psi_k: Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
-    """Quadratic reference (official code's form): dense S x S logits, keep mask, low-rank mask
-    ``causal & ~keep`` and the phi psi^T matrix. Same args as :func:`parallel_attention`."""
+    """Quadratic reference (official code's form): dense S x S logits, keep mask
+    ``keep & inside window``, low-rank mask ``causal & ~keep & inside window`` and the phi psi^T
+    matrix. Same args as :func:`parallel_attention`; ``evict_at`` may ignore the window."""
     b, h, s, d = q.shape
     g = h // k.shape[1]
-    keep = keep_mask(evict_at).repeat_interleave(g, 1)  # [B,H,S,S]
+    idx = torch.arange(s, device=q.device)
+    causal = idx[None, :] <= idx[:, None]
+    if window is not None:
+        causal = causal & (idx[None, :] > idx[:, None] - window)
+    keep = keep_mask(evict_at).repeat_interleave(g, 1) & causal  # [B,H,S,S]
     kk, vv = k.to(F32).repeat_interleave(g, 1), v.to(F32).repeat_interleave(g, 1)
-    logits = q.to(F32) @ kk.transpose(-1, -2) * default_scale(d, scale)
+    logits = capped(q.to(F32) @ kk.transpose(-1, -2) * default_scale(d, scale), softcap)
     logits = logits.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(logits, -1)
     out = torch.softmax(logits, -1) @ vv
     if phi_q is None:
         return out.to(q.dtype)
     assert psi_k is not None, "phi_q given without psi_k"
-    causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
     lr = (phi_q.to(F32) @ psi_k.to(F32).repeat_interleave(g, 1).transpose(-1, -2)) * (
         causal & ~keep
     )

@@ -47,6 +47,15 @@ class LowRankState:
         self.z = self.z + w.sum(2)
         return self
 
+    def release(self, psi_k: Tensor, v: Tensor, mask: Tensor | None = None) -> LowRankState:
+        """Take tokens out again (they left a sliding window): the inverse of :meth:`absorb`."""
+        w = psi_k.to(F32)
+        if mask is not None:
+            w = w * mask[..., None]
+        self.H = self.H - torch.einsum("bknr,bknd->bkrd", w, v.to(F32))
+        self.z = (self.z - w.sum(2)).clamp(min=0)
+        return self
+
     def read(self, phi_q: Tensor) -> tuple[Tensor, Tensor]:
         """phi_q [B,H,T,R] -> (phi H [B,H,T,d], phi z [B,H,T])."""
         b, h, t, _ = phi_q.shape
@@ -64,13 +73,14 @@ def step_attention(
     state: LowRankState | None = None,
     scale: float | None = None,
     mask: Tensor | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """New queries against kept K/V plus the state -> [B,H,T,d] in q's dtype.
 
     q [B,H,T,d], k_kept/v_kept [B,Hkv,n,d], phi_q [B,H,T,R] or None (no state),
-    mask (True = attend) broadcastable to [B,Hkv,T,n].
+    mask (True = attend) broadcastable to [B,Hkv,T,n]; softcap: logit soft-capping.
     """
-    out, lse = kept_attention(q, k_kept, v_kept, mask, scale)
+    out, lse = kept_attention(q, k_kept, v_kept, mask, scale, softcap)
     if phi_q is None or state is None:
         return out.to(q.dtype)
     num, den = state.read(phi_q)

@@ -43,6 +43,16 @@ Two faces that agree exactly:
    :func:`sequential_evict_at` is exactly this loop.
 
 ``keep_mask(evict_at)`` expands a decision to a dense ``[B,Hkv,S,S]`` mask (tests, small S).
+
+What a layer sees (the model's own attention is the reference): logits are
+``capped(q . k * scale, softcap)`` (Gemma 2 soft-capping before the softmax, the layer's own
+``scaling``), and a sliding-window layer (``window = w``: row ``t`` sees keys ``t - w < j <= t``)
+never sees key ``j`` from row ``j + w`` on. :func:`layer_evict_at` applies that window to any
+policy: at row ``t`` the key ``t - w`` leaves first (it *expires*: neither kept nor folded into
+a LESS state); the policy chooses only among keys inside the window and evicts at a row only
+when no key expired there. So ``evict_at[j] <= j + w``; ``evict_at[j] == j + w`` means key ``j``
+expired, ``evict_at[j] < j + w`` means the policy evicted it and the state holds it for rows
+``evict_at[j] <= t < j + w``. A window no larger than the budget needs no eviction at all.
 """
 
 from __future__ import annotations
@@ -76,8 +86,17 @@ def default_scale(d: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(d) if scale is None else scale
 
 
+def capped(s: Tensor, softcap: float | None) -> Tensor:
+    """Logit soft-capping ``softcap * tanh(s / softcap)`` (identity for ``None``)."""
+    return s if softcap is None else torch.tanh(s / softcap) * softcap
+
+
 def group_probs(
-    q: Tensor, k: Tensor, scale: float | None = None, mask: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Softmax of ``q`` over keys ``k``, summed over each KV group's query heads (fp32 or wider).
 
@@ -88,7 +107,7 @@ def group_probs(
     hkv = k.shape[1]
     dt = torch.promote_types(q.dtype, torch.float32)
     qg = q.to(dt).view(b, hkv, h // hkv, t, d)
-    s = torch.einsum("bkgtd,bknd->bkgtn", qg, k.to(dt)) * default_scale(d, scale)
+    s = capped(torch.einsum("bkgtd,bknd->bkgtn", qg, k.to(dt)) * default_scale(d, scale), softcap)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     return s.softmax(-1).sum(2)
@@ -168,17 +187,56 @@ class Policy:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
-def sequential_evict_at(policy: Policy, q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
+def expire(evict_at: Tensor, window: int | None) -> Tensor:
+    """Clamp a decision to a sliding window: evict_at [B,Hkv,S] -> min(evict_at, j + w, S)."""
+    if window is None:
+        return evict_at
+    s = evict_at.shape[-1]
+    j = torch.arange(s, device=evict_at.device)
+    return torch.minimum(evict_at, (j + window).clamp(max=s))
+
+
+def layer_evict_at(
+    policy: Policy,
+    q: Tensor,
+    k: Tensor,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> Tensor:
+    """The policy's decision on a layer with its own window and soft-capping (module doc):
+    q [B,H,S,d], k [B,Hkv,S,d] -> evict_at [B,Hkv,S] with ``evict_at[j] <= j + window``."""
+    if window is not None and window < 1:
+        raise ValueError(f"sliding window must be >= 1, got {window}")
+    if window is not None and (policy.budget is None or window <= policy.budget):
+        return expire(never_evicted(k), window)  # the window is inside the budget
+    if window is None and softcap is None:
+        return policy.evict_at(q, k, scale)
+    return sequential_evict_at(policy, q, k, scale, window, softcap)
+
+
+def sequential_evict_at(
+    policy: Policy,
+    q: Tensor,
+    k: Tensor,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> Tensor:
     """Run the online face over a whole sequence, vectorised over batch and heads.
 
     Keeps budget-sized buffers (n kept + 1 new slot) of positions, keys and scores per
     (b, h_kv): O(S * n * d), no S x S mask. q [B,H,S,d], k [B,Hkv,S,d] -> evict_at [B,Hkv,S].
+    ``window`` (> budget): at row t the kept key t - window, if any, leaves instead of the
+    policy's choice (module doc); ``softcap``: logits are soft-capped before every softmax.
     """
     b, hkv, s, d = k.shape
     n = policy.budget
     out = never_evicted(k)
     if n is None or n >= s:
-        return out
+        return expire(out, window)
+    if window is not None and window <= n:
+        raise ValueError(f"sliding window {window} <= budget {n}: use layer_evict_at")
     dt = torch.promote_types(k.dtype, torch.float32)
     qg = q.to(dt).view(b, hkv, -1, s, d) * default_scale(d, scale)  # [B,Hkv,g,S,d]
     kt_all = k.to(dt).transpose(-1, -2)  # [B,Hkv,d,S]
@@ -189,7 +247,8 @@ def sequential_evict_at(policy: Policy, q: Tensor, k: Tensor, scale: float | Non
     acc = torch.zeros(b, hkv, n + 1, dtype=dt, device=k.device)
     if policy.accumulates:  # rows < n attend causally over the first n keys
         causal = torch.ones(n, n, dtype=torch.bool, device=k.device).tril()
-        logits = (qg[..., :n, :] @ kbuf[:, :, None, :, :n]).masked_fill(~causal, float("-inf"))
+        logits = capped(qg[..., :n, :] @ kbuf[:, :, None, :, :n], softcap)
+        logits = logits.masked_fill(~causal, float("-inf"))
         rows = torch.arange(n, device=k.device).expand(b, n)
         acc[..., :n] = policy.accumulate(
             acc[..., :n],
@@ -203,12 +262,19 @@ def sequential_evict_at(policy: Policy, q: Tensor, k: Tensor, scale: float | Non
         pos[..., n] = t
         acc[..., n] = 0.0
         qt = qg[..., t : t + 1, :]  # [B,Hkv,g,1,d]
-        probs = (qt @ kbuf[:, :, None]).softmax(-1).sum((2, 3)) if policy.needs_probs else None
+        probs = None
+        if policy.needs_probs:
+            probs = capped(qt @ kbuf[:, :, None], softcap).softmax(-1).sum((2, 3))
         slot = policy.select_evict(t, pos, acc if policy.accumulates else None, probs)[..., None]
+        if window is not None and t >= window:  # the key leaving the window goes first
+            gone = pos[..., :n] == t - window
+            slot = torch.where(
+                gone.any(-1, keepdim=True), gone.long().argmax(-1, keepdim=True), slot
+            )
         out.scatter_(-1, pos.gather(-1, slot), t)
         pos.scatter_(-1, slot, t)  # the new key takes the evicted slot
         kbuf.scatter_(-1, slot[..., None, :].expand(b, hkv, d, 1), kt_all[..., t : t + 1])
         if policy.accumulates:
             acc.scatter_(-1, slot, 0.0)
-            acc[..., :n] += (qt @ kbuf[:, :, None, :, :n]).softmax(-1).sum((2, 3))
+            acc[..., :n] += capped(qt @ kbuf[:, :, None, :, :n], softcap).softmax(-1).sum((2, 3))
     return out
