@@ -110,7 +110,12 @@ def sparse_attention(
 
 
 def low_rank_attention(
-    phi_q: Tensor, psi_k: Tensor, v: Tensor, evict_at: Tensor, chunk: int = 128
+    phi_q: Tensor,
+    psi_k: Tensor,
+    v: Tensor,
+    evict_at: Tensor,
+    chunk: int = 128,
+    max_evicted: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The state part ``(phi H_t, phi z_t)`` for every row, O(S * R * d), fp32.
 
@@ -118,6 +123,10 @@ def low_rank_attention(
     -> (num [B,H,S,d], den [B,H,S]). Keys are sorted by ``evict_at``; for row chunk [a, b) the
     carried state holds keys with ``evict_at < a``, keys with ``a <= evict_at < b`` are added
     per row inside the chunk and then folded into the carry.
+
+    ``max_evicted``: a bound on the keys any row chunk evicts (e.g. from
+    :func:`max_evicted_per_chunk`, computed once for fixed ``evict_at``); with it every chunk has
+    the same shapes and nothing waits for the device. ``None``: measured per chunk.
     """
     b, h, s, r = phi_q.shape
     hkv, d = v.shape[1], v.shape[-1]
@@ -127,32 +136,41 @@ def low_rank_attention(
     bounds = torch.searchsorted(e_sorted, edges.expand(b, hkv, -1).contiguous())  # #(e < edge)
     carry_h = phi_q.new_zeros(b, hkv, r, d, dtype=F32)
     carry_z = phi_q.new_zeros(b, hkv, r, dtype=F32)
+    psi_f, v_f = psi_k.to(F32), v.to(F32)
     nums, dens = [], []
-    for ci in range(len(edges) - 1):
-        a, e = int(edges[ci]), int(edges[ci + 1])
-        if a >= e:
-            break
+    for ci, a in enumerate(range(0, s, chunk)):
+        e = min(a + chunk, s)
         ph = _grouped(phi_q[:, :, a:e].to(F32), hkv)  # [B,Hkv,g,C,R]
         num = torch.einsum("bkgcr,bkrd->bkgcd", ph, carry_h)
         den = torch.einsum("bkgcr,bkr->bkgc", ph, carry_z)
         lo, hi = bounds[..., ci], bounds[..., ci + 1]
-        m = int((hi - lo).max())
+        m = int((hi - lo).max()) if max_evicted is None else min(int(max_evicted), s)
         if m > 0:
             i = lo[..., None] + torch.arange(m, device=v.device)
             ok = i < hi[..., None]  # [B,Hkv,m]
             key = order.gather(-1, i.clamp(max=s - 1))
-            ps = psi_k.to(F32).gather(2, key[..., None].expand(b, hkv, m, r)) * ok[..., None]
-            vs = v.to(F32).gather(2, key[..., None].expand(b, hkv, m, d))
+            ps = psi_f.gather(2, key[..., None].expand(b, hkv, m, r)) * ok[..., None]
+            vs = v_f.gather(2, key[..., None].expand(b, hkv, m, d))
             t = torch.arange(a, e, device=v.device)[:, None]
             vis = evict_at.gather(-1, key)[..., None, :] <= t  # [B,Hkv,C,m]
             att = torch.einsum("bkgcr,bkmr->bkgcm", ph, ps) * vis.unsqueeze(2)
-            num = num + att @ vs.unsqueeze(2)
+            num = num + (att.flatten(2, 3) @ vs).view(num.shape)  # [B,Hkv,g*C,m] @ [B,Hkv,m,d]
             den = den + att.sum(-1)
             carry_h = carry_h + torch.einsum("bkmr,bkmd->bkrd", ps, vs)
             carry_z = carry_z + ps.sum(2)
         nums.append(num.reshape(b, h, e - a, d))
         dens.append(den.reshape(b, h, e - a))
     return torch.cat(nums, 2), torch.cat(dens, 2)
+
+
+def max_evicted_per_chunk(evict_at: Tensor, chunk: int = 128) -> Tensor:
+    """The most keys any row chunk ``[a, a + chunk)`` evicts, over every sequence and KV head:
+    evict_at [..., S] -> 0-d long tensor (a bound for :func:`low_rank_attention`)."""
+    s = evict_at.shape[-1]
+    e_sorted = evict_at.flatten(0, -2).sort(dim=-1).values
+    edges = torch.arange(0, s + chunk, chunk, device=evict_at.device).clamp(max=s)
+    bounds = torch.searchsorted(e_sorted, edges.expand(e_sorted.shape[0], -1).contiguous())
+    return (bounds[:, 1:] - bounds[:, :-1]).max()
 
 
 def parallel_attention(
