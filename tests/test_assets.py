@@ -33,6 +33,7 @@ def test_built_assets_are_complete():
     assert rows[("corpus", "c4")]["detail"] == "118 docs"
     assert rows[("corpus", "xsum")]["detail"] == "2225 docs"
     assert rows[("corpus", "cnndm")]["detail"] == "250 docs"
+    assert rows[("corpus", "train-mix")]["detail"] == "545 docs"  # one code document left out
     splits = {json.loads(x)["split"] for x in open(A.corpus_path("xsum"))}
     assert splits == {"train", "test"}
 
