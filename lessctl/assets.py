@@ -151,7 +151,7 @@ def _decode(raw: bytes) -> str:
 
 def _c4(root: Path) -> Iterator[dict]:
     with zipfile.ZipFile(fetch("exllamav2", root)) as z:
-        raw = z.read("exllamav2/conversion/standard_cal_data/c4.utf8").decode("utf-8")
+        raw = z.read(_CAL + "c4.utf8").decode("utf-8")
     for line in raw.splitlines():
         if line.strip():
             yield {"text": line.strip()}
@@ -215,12 +215,52 @@ def _cnndm(root: Path) -> Iterator[dict]:
                 }
 
 
+_CAL = "exllamav2/conversion/standard_cal_data/"
+# the other calibration files of the same wheel and how their documents are separated
+_TRAIN_EXTRA = {
+    "tinystories": ("tiny.utf8", "<|endoftext|>"),
+    "technical": ("technical.utf8", "\n\n\n"),
+    "code": ("code.utf8", "\n\n\n"),
+}
+EVAL_STAND_INS = ("wikitext", "pg19", "xsum", "cnndm")
+SHINGLE_WORDS = 13  # a training document sharing a 13-word run with an evaluation text is dropped
+
+
+def _shingles(text: str, n: int = SHINGLE_WORDS) -> set[int]:
+    """Hashes of every run of `n` whitespace-separated words of `text`."""
+    w = text.split()
+    return {hash(" ".join(w[i : i + n])) for i in range(max(len(w) - n + 1, 0))}
+
+
+def _eval_text(row: dict) -> str:
+    return "\n".join(str(row[k]) for k in ("text", "document", "summary") if k in row)
+
+
+def _train_mix(root: Path) -> Iterator[dict]:
+    """Training text for the kernels: the C4 stand-in plus exllamav2's TinyStories, technical
+    and code calibration text (same pinned wheel), each document tagged with its `source`.
+    Documents that share a run of 13 words with any evaluation stand-in are left out."""
+    docs = [{"source": "c4", "text": r["text"]} for r in _c4(root)]
+    with zipfile.ZipFile(fetch("exllamav2", root)) as z:
+        for source, (member, sep) in _TRAIN_EXTRA.items():
+            raw = z.read(_CAL + member).decode("utf-8")
+            docs += [{"source": source, "text": d.strip()} for d in raw.split(sep) if d.strip()]
+    shingles = [_shingles(d["text"]) for d in docs]
+    everything = set().union(*shingles)
+    seen: set[int] = set()
+    for name in EVAL_STAND_INS:
+        for row in CORPORA[name](root):
+            seen |= _shingles(_eval_text(row)) & everything
+    yield from (d for d, sh in zip(docs, shingles, strict=True) if not sh & seen)
+
+
 CORPORA: dict[str, Callable[[Path], Iterator[dict]]] = {
     "c4": _c4,
     "wikitext": _wikitext,
     "pg19": _pg19,
     "xsum": _xsum,
     "cnndm": _cnndm,
+    "train-mix": _train_mix,
 }
 
 

@@ -68,9 +68,25 @@ class ParallelAttention:
         return out.transpose(1, 2).contiguous(), None
 
 
+def _same_training(cfg: DictConfig, man: dict) -> bool:
+    """Whether checkpoint manifest `man` was trained with this config's `train.*` settings on an
+    extraction of `extract.tokens` x `extract.seq_len` (how a sweep over them, e.g.
+    experiment=study, evaluates each point with its own kernels)."""
+    spec = man.get("spec", {})
+    trained = spec.get("train", {})
+    if any(trained.get(k) != cfg.train.get(k) for k in trained):
+        return False
+    acts = Path(str(man.get("activations", ""))) / "manifest.json"
+    if not acts.exists():
+        return False
+    extract = json.loads(acts.read_text()).get("spec", {})
+    return all(extract.get(k) == int(cfg.extract[k]) for k in ("tokens", "seq_len"))
+
+
 def find_checkpoint(cfg: DictConfig, num_layers: int, budget: int | None = None) -> Path:
     """`less.ckpt`, or a complete checkpoint under `train.dir` for this model, policy and rank:
-    one trained at `budget` and with this `less` config first, then the newest."""
+    one trained at `budget` and with this `less` config first, then one trained with this
+    config's `train.*` and `extract.tokens`/`seq_len`, then the newest."""
     if cfg.less.get("ckpt"):
         return Path(cfg.less.ckpt).expanduser()
     want_kernel = {k: cfg.less[k] for k in ("hidden", "kind")}
@@ -88,7 +104,8 @@ def find_checkpoint(cfg: DictConfig, num_layers: int, budget: int | None = None)
         ):
             same_kernel = all(man["kernel"].get(k) == v for k, v in want_kernel.items())
             newest = max(p.stat().st_mtime for p in man_path.parent.glob("layer_*.safetensors"))
-            cands.append(((man.get("budget") == budget, same_kernel, newest), man_path.parent))
+            key = (man.get("budget") == budget, same_kernel, _same_training(cfg, man), newest)
+            cands.append((key, man_path.parent))
     if not cands:
         raise LessctlError(
             f"no trained LESS checkpoint for model={cfg.model.name} policy={cfg.policy.name} "

@@ -190,6 +190,91 @@ def _bench_figures(d: pd.DataFrame, fig_dir: Path) -> list[str]:
     return names
 
 
+def _study_point(checkpoint: str) -> dict[str, Any]:
+    """Training tokens, epochs, hidden width and rank of the kernels in `checkpoint` (from its
+    manifest and its activations' manifest); empty when the folder is gone."""
+    import json
+
+    man_path = Path(checkpoint) / "manifest.json"
+    if not man_path.exists():
+        return {}
+    man = json.loads(man_path.read_text())
+    acts = Path(str(man.get("activations", ""))) / "manifest.json"
+    tokens = json.loads(acts.read_text()).get("tokens") if acts.exists() else None
+    return {
+        "train tokens": tokens,
+        "epochs": man["spec"]["train"]["epochs"],
+        "hidden": man["kernel"]["hidden"],
+        "rank": man["kernel"]["rank"],
+    }
+
+
+def _study_figures(df: pd.DataFrame, fig_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    """experiment=study (eval runs named `*-study`): gap closed (word perplexity, Baseline+ →
+    Full) of each point against the tokens its kernels were trained on, one line per (epochs,
+    hidden, rank); returns the table and the figure names."""
+    need = {"_run", "task", "metric", "method", "value", "checkpoint"}
+    if df.empty or not need <= set(df.columns):
+        return pd.DataFrame(), []
+    d = df[
+        df["_run"].astype(str).str.endswith("-study")
+        & (df["task"] == "perplexity")
+        & (df["metric"] == "ppl_word")
+    ]
+    points = []
+    for run, g in d.groupby("_run"):
+        vals = {
+            m: g[g.method == m].value.iloc[-1]
+            for m in ("full", "baseline_plus", "less")
+            if (g.method == m).any()
+        }
+        less = g[g.method == "less"]
+        if len(vals) < 3 or less.checkpoint.isna().all():
+            continue
+        point = _study_point(str(less.checkpoint.iloc[-1]))
+        if not point:
+            continue
+        points.append(
+            {
+                "dataset": less.dataset.iloc[-1],
+                "policy": less.policy.iloc[-1],
+                "budget": less.budget.iloc[-1],
+                **point,
+                "Full": vals["full"],
+                "Baseline+": vals["baseline_plus"],
+                "LESS": vals["less"],
+                "gap closed": gap_closed(vals["full"], vals["baseline_plus"], vals["less"]),
+                "run": run,
+            }
+        )
+    table = pd.DataFrame(points)
+    if table.empty:
+        return table, []
+    table = table.sort_values(["dataset", "policy", "epochs", "hidden", "rank", "train tokens"])
+    names = []
+    for (dataset, policy, budget), g in table.groupby(["dataset", "policy", "budget"]):
+        name = f"study-gap-{dataset}-{policy}-{int(budget)}.png"
+
+        def draw(ax, g=g, title=f"study: {dataset} {policy} budget {int(budget)}"):
+            for (ep, hid, r), s in g.groupby(["epochs", "hidden", "rank"]):
+                ax.plot(
+                    s["train tokens"],
+                    s["gap closed"],
+                    marker="o",
+                    label=f"epochs {ep}, hidden {hid}, R {r}",
+                )
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set_xscale("log")
+            ax.set_xlabel("training tokens")
+            ax.set_ylabel("gap closed (Baseline+ → Full)")
+            ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=6)
+
+        _figure(fig_dir / name, draw)
+        names.append(name)
+    return table, names
+
+
 def run(results_dir: str | Path = "results") -> Path:
     """Write `<results_dir>/REPORT.md` and its figures; returns the report's path."""
     results_dir = Path(results_dir)
@@ -288,6 +373,15 @@ def run(results_dir: str | Path = "results") -> Path:
         ).reset_index()
         out += ["## Decode benchmark", "", _md(piv), ""]
         out += [f"![{f}](figures/{f})" for f in _bench_figures(bench, fig_dir)] + [""]
+    study, study_figs = _study_figures(df, fig_dir)
+    if not study.empty:
+        out += [
+            "## Study: what moves the gap (experiment=study, word perplexity)",
+            "",
+            _md(study.drop(columns=["run"])),
+            "",
+        ]
+        out += [f"![{f}](figures/{f})" for f in study_figs] + [""]
     runs = sorted(set(latest["run"])) if "run" in latest else []
     out += ["## Runs", ""] + [f"- `{r}`" for r in runs] + [""]
     path = results_dir / "REPORT.md"

@@ -31,7 +31,12 @@ from safetensors.torch import load_file
 from lessctl.config import resolve_device
 from lessctl.errors import LessctlError
 from lessctl.extract import extraction_dir
-from lessctl.less.attention import combine, low_rank_attention, sparse_attention
+from lessctl.less.attention import (
+    combine,
+    low_rank_attention,
+    max_evicted_per_chunk,
+    sparse_attention,
+)
 from lessctl.less.kernels import KernelConfig, LayerKernels
 from lessctl.policies.base import expire, layer_evict_at, never_evicted
 from lessctl.policies.budget import baseline_plus, build_policy
@@ -139,56 +144,110 @@ def full_attention(
 
 
 class LayerData:
-    """Per-chunk precomputed tensors of one layer, cached on disk and streamed back."""
+    """One layer's training tensors: q, k, v from the shards and what does not depend on φ/ψ
+    (target, evict_at, sparse out/lse; for validation chunks also the Baseline and Baseline+
+    outputs after o_proj), computed once per layer by :meth:`prepare`.
+
+    Held on the training device when they fit in `memory_bytes` (read once per layer, not per
+    epoch); otherwise written per chunk next to the checkpoint folder and streamed back every
+    epoch. Precomputed tensors are stored in the activations' dtype (the precision of q, k, v)
+    except ``sparse_lse`` (fp32) and ``evict_at`` (long); the loss is computed in fp32.
+    """
+
+    FLOAT_KEYS = ("target", "sparse_out", "baseline", "plus")
 
     def __init__(
-        self, store: ShardStore, layer: int, policy, plus, scale: float, device, cache_dir: Path
+        self,
+        store: ShardStore,
+        layer: int,
+        policy,
+        plus,
+        scale: float,
+        device,
+        cache_dir: Path,
+        memory_bytes: float = float("inf"),
     ):
         self.store, self.layer, self.scale, self.device = store, layer, scale, device
         self.policy, self.plus, self.cache = policy, plus, cache_dir
+        self.memory_bytes = memory_bytes
         self.w = {k: v.to(device) for k, v in store.o_proj(layer).items()}
         view = (store.manifest().get("layers") or [{}] * (layer + 1))[layer]
         self.window, self.softcap = view.get("window"), view.get("softcap")
         self.scale = scale if view.get("scaling") is None else view["scaling"]
         if not self.w:
             raise ShardError(f"o_proj weights of layer {layer} missing in {store.root}")
+        self.resident: dict[int, dict[str, torch.Tensor]] | None = None
+        self.max_evicted: int | None = None  # the most keys a 128-row chunk evicts (static shapes)
 
     def _pre_path(self, chunk: int) -> Path:
         return self.cache / f"chunk_{chunk:05d}.safetensors"
 
-    def load(self, chunk: int, validation: bool = False) -> dict[str, torch.Tensor]:
-        """q, k, v (fp32) + target, evict_at, sparse out/lse; for validation chunks also the
-        Baseline and Baseline+ outputs after o_proj."""
-        raw = {
-            k: v.to(self.device, torch.float32)
-            for k, v in self.store.read(self.layer, chunk).items()
+    def _raw(self, chunk: int) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in self.store.read(self.layer, chunk).items()}
+
+    def _precompute(
+        self, raw: dict[str, torch.Tensor], validation: bool
+    ) -> dict[str, torch.Tensor]:
+        dt = raw["q"].dtype
+        q, k, v = (raw[n].to(torch.float32) for n in ("q", "k", "v"))
+        sc, w, cap = self.scale, self.window, self.softcap
+        ev = layer_evict_at(self.policy, q, k, sc, w, cap)
+        out, lse = sparse_attention(q, k, v, ev, sc, softcap=cap)
+        pre = {
+            "target": _o_proj(full_attention(q, k, v, sc, w, cap), self.w),
+            "evict_at": ev,
+            "sparse_out": out,
+            "sparse_lse": lse,
         }
+        if validation:
+            pre["baseline"] = _o_proj(out, self.w)
+            ev_plus = layer_evict_at(self.plus, q, k, sc, w, cap)
+            pre["plus"] = _o_proj(sparse_attention(q, k, v, ev_plus, sc, softcap=cap)[0], self.w)
+        return {n: t.to(dt) if n in self.FLOAT_KEYS else t for n, t in pre.items()}
+
+    def load(self, chunk: int, validation: bool = False) -> dict[str, torch.Tensor]:
+        """q, k, v (activations' dtype) + the precomputed tensors of one chunk."""
+        if self.resident is not None and chunk in self.resident:
+            return self.resident[chunk]
+        raw = self._raw(chunk)
         p = self._pre_path(chunk)
         if p.exists():
             pre = {k: v.to(self.device) for k, v in load_file(p).items()}
         else:
-            q, k, v = raw["q"], raw["k"], raw["v"]
-            sc, w, cap = self.scale, self.window, self.softcap
-            ev = layer_evict_at(self.policy, q, k, sc, w, cap)
-            out, lse = sparse_attention(q, k, v, ev, sc, softcap=cap)
-            pre = {
-                "target": _o_proj(full_attention(q, k, v, sc, w, cap), self.w),
-                "evict_at": ev,
-                "sparse_out": out,
-                "sparse_lse": lse,
-            }
-            if validation:
-                pre["baseline"] = _o_proj(out, self.w)
-                ev_plus = layer_evict_at(self.plus, q, k, sc, w, cap)
-                pre["plus"] = _o_proj(
-                    sparse_attention(q, k, v, ev_plus, sc, softcap=cap)[0], self.w
-                )
-            save_atomic({k: t.cpu() for k, t in pre.items()}, p)
+            pre = self._precompute(raw, validation)
+            self._save_pre(chunk, pre)
         return {**raw, **pre}
+
+    def _save_pre(self, chunk: int, d: dict[str, torch.Tensor]) -> None:
+        pre = {k: t.cpu() for k, t in d.items() if k not in ("q", "k", "v")}
+        save_atomic(pre, self._pre_path(chunk))
+
+    def prepare(self, train_chunks: list[int], val_chunks: list[int]) -> str:
+        """Precompute every chunk once; keep them all in memory if they fit, else on disk.
+        Returns "memory" or "stream"."""
+        roles = [(c, False) for c in train_chunks] + [(c, True) for c in val_chunks]
+        held: dict[int, dict[str, torch.Tensor]] = {}
+        used, bound, mode = 0, torch.zeros((), dtype=torch.long, device=self.device), "memory"
+        for c, validation in roles:
+            d = {**(raw := self._raw(c)), **self._precompute(raw, validation)}
+            bound = torch.maximum(bound, max_evicted_per_chunk(d["evict_at"]))
+            used += sum(t.numel() * t.element_size() for t in d.values())
+            if mode == "memory" and used <= self.memory_bytes:
+                held[c] = d
+                continue
+            if mode == "memory":  # does not fit: write what is held so far, stream from now on
+                mode = "stream"
+                for hc, hd in held.items():
+                    self._save_pre(hc, hd)
+                held = {}
+            self._save_pre(c, d)
+        self.resident = held if mode == "memory" else None
+        self.max_evicted = int(bound)  # one host sync per layer
+        return mode
 
 
 def _rows_mse(pred: torch.Tensor, target: torch.Tensor, start: int) -> torch.Tensor:
-    return F.mse_loss(pred[:, start:], target[:, start:])
+    return F.mse_loss(pred[:, start:], target[:, start:].to(pred.dtype))
 
 
 def train_layer(
@@ -210,6 +269,7 @@ def train_layer(
     seed = int(cfg.seed) * 1000 + layer
     torch.manual_seed(seed)
     kern = LayerKernels(kcfg).to(device)
+    memory_gb = t.memory_gb
     data = LayerData(
         store,
         layer,
@@ -218,6 +278,7 @@ def train_layer(
         man["scaling"],
         device,
         out_dir / "precomputed" / f"layer_{layer:03d}",
+        float("inf") if memory_gb is None else float(memory_gb) * 2**30,
     )
 
     # (chunk, row) pairs; the last val_fraction of chunks validate (whole chunks, so a chunk's
@@ -235,6 +296,8 @@ def train_layer(
     train_seqs, val_seqs = pairs(chunks[:-n_val]), pairs(chunks[-n_val:])
     if t.max_train_sequences:
         train_seqs = train_seqs[: int(t.max_train_sequences)]
+    train_chunks = sorted({c for c, _ in train_seqs})
+    mode = data.prepare(train_chunks, chunks[-n_val:])
 
     def batches(items: list, shuffle: bool, rng: random.Random):
         by_chunk: dict[int, list[int]] = {}
@@ -251,30 +314,45 @@ def train_layer(
             n_chunk = d["q"].shape[0]
             for a in range(0, len(rows), int(t.batch_size)):
                 sel = rows[a : a + int(t.batch_size)]
-                if sorted(sel) == list(range(n_chunk)):  # the whole chunk: no copy
+                if sel == list(range(sel[0], sel[0] + len(sel))):  # contiguous rows: a view
+                    yield {k: v[sel[0] : sel[0] + len(sel)] for k, v in d.items()}
+                    continue
+                if sorted(sel) == list(range(n_chunk)):  # the whole chunk in another order
                     yield d
                     continue
                 idx = torch.tensor(sel, device=device)
                 yield {k: v.index_select(0, idx) for k, v in d.items()}
 
     def predict(b: dict[str, torch.Tensor]) -> torch.Tensor:
-        phi, psi = kern.phi(b["q"]), kern.psi(b["k"])
-        num, den = low_rank_attention(phi, psi, b["v"], b["evict_at"], window=data.window)
-        return _o_proj(combine(b["sparse_out"], b["sparse_lse"], num, den), data.w)
+        q, k, v = (b[n].to(torch.float32) for n in ("q", "k", "v"))
+        phi, psi = kern.phi(q), kern.psi(k)
+        num, den = low_rank_attention(
+            phi, psi, v, b["evict_at"], window=data.window, max_evicted=data.max_evicted
+        )
+        sparse_out = b["sparse_out"].to(torch.float32)
+        return _o_proj(combine(sparse_out, b["sparse_lse"], num, den), data.w)
 
     def validate() -> dict[str, float]:
+        """Mean per-sequence MSE of LESS, Baseline, Baseline+ over the validation sequences
+        (summed on the device; one host sync)."""
         kern.eval()
-        sums = {"less": 0.0, "baseline": 0.0, "baseline_plus": 0.0}
+        sums = torch.zeros(3, device=device)
         n = 0
         with torch.no_grad():
             for b in batches(val_seqs, False, random.Random(0)):
                 k = b["q"].shape[0]
-                sums["less"] += _rows_mse(predict(b), b["target"], budget).item() * k
-                sums["baseline"] += _rows_mse(b["baseline"], b["target"], budget).item() * k
-                sums["baseline_plus"] += _rows_mse(b["plus"], b["target"], budget).item() * k
+                pred = predict(b)
+                sums += k * torch.stack(
+                    [
+                        _rows_mse(pred, b["target"], budget),
+                        _rows_mse(b["baseline"].to(pred.dtype), b["target"], budget),
+                        _rows_mse(b["plus"].to(pred.dtype), b["target"], budget),
+                    ]
+                )
                 n += k
         kern.train()
-        return {k: v / n for k, v in sums.items()}
+        less, base, base_plus = (sums / n).tolist()
+        return {"less": less, "baseline": base, "baseline_plus": base_plus}
 
     opt = torch.optim.Adam(kern.parameters(), lr=float(t.lr))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(t.step_size), gamma=float(t.gamma))
@@ -284,18 +362,17 @@ def train_layer(
     best_state = {k: v.detach().clone() for k, v in kern.state_dict().items()}
     history, tok, t0, status = [], 0, time.perf_counter(), "finished"
     for epoch in range(1, int(t.epochs) + 1):
-        losses = []
+        losses = []  # on the device: one host sync per epoch, not per step
         for b in batches(train_seqs, True, rng):
             loss = _rows_mse(predict(b), b["target"], budget)
-            if not torch.isfinite(loss):
-                status = f"stopped: non-finite loss at epoch {epoch}"
-                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())
             tok += b["q"].shape[0] * b["q"].shape[2]
-        if status != "finished":
+        epoch_losses = torch.stack(losses) if losses else torch.zeros(1, device=device)
+        if not bool(torch.isfinite(epoch_losses).all()):
+            status = f"stopped: non-finite loss at epoch {epoch}"
             log(f"layer {layer}: {status}; keeping the best checkpoint so far")
             break
         sched.step()
@@ -304,7 +381,7 @@ def train_layer(
         history.append(
             {
                 "epoch": epoch,
-                "train_mse": sum(losses) / max(len(losses), 1),
+                "train_mse": float(epoch_losses.mean()),
                 "val_mse": val["less"],
                 "val_baseline_mse": val["baseline"],
                 "val_baseline_plus_mse": val["baseline_plus"],
@@ -313,7 +390,7 @@ def train_layer(
         log(
             f"layer {layer:3d} epoch {epoch:3d}  train {history[-1]['train_mse']:.4e}  "
             f"val LESS {val['less']:.4e}  Baseline {val['baseline']:.4e}  "
-            f"Baseline+ {val['baseline_plus']:.4e}  {rate:,.0f} tok/s"
+            f"Baseline+ {val['baseline_plus']:.4e}  {rate:,.0f} tok/s ({mode})"
         )
         if val["less"] < best["val_mse"]:
             best = {"val_mse": val["less"], "epoch": epoch}
@@ -333,6 +410,7 @@ def train_layer(
         "val_untrained_mse": first["less"],
         "train_sequences": len(train_seqs),
         "val_sequences": len(val_seqs),
+        "data_in": mode,
         "tokens_per_s": tok / max(time.perf_counter() - t0, 1e-9),
         "history": history,
     }

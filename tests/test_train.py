@@ -152,3 +152,32 @@ def test_multirun_bad_override_is_one_line():
     assert res.exit_code == 2
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "unknown policy 'nope'" in lines[0]
+
+
+def test_in_memory_and_streamed_training_agree_and_memory_reads_shards_once(
+    extracted, compose, monkeypatch
+):
+    """train.memory_gb only decides where a layer's tensors live: held in memory (each shard
+    read once per layer, whatever the epochs) or streamed from disk per epoch; the same seed
+    gives the same kernels either way."""
+    from lessctl.shards import ShardStore
+
+    reads: list[tuple[int, int]] = []
+    real_read = ShardStore.read
+
+    def counting_read(self, layer, chunk):
+        reads.append((layer, chunk))
+        return real_read(self, layer, chunk)
+
+    monkeypatch.setattr(ShardStore, "read", counting_read)
+    over = [*extracted, "train.layers=[1]", "train.epochs=3"]
+    _, (mem,) = T.run(compose(*over, "train.dir=${cache_dir}/k_mem"), log=lambda *_: None)
+    assert mem["data_in"] == "memory" and len(reads) == len(set(reads)) == 6
+    reads.clear()
+    _, (disk,) = T.run(
+        compose(*over, "train.dir=${cache_dir}/k_disk", "train.memory_gb=0"), log=lambda *_: None
+    )
+    assert disk["data_in"] == "stream" and len(reads) > 6  # re-read every epoch
+    for key in ("val_less_mse", "val_untrained_mse", "best_epoch"):
+        assert mem[key] == disk[key]
+    assert [h["train_mse"] for h in mem["history"]] == [h["train_mse"] for h in disk["history"]]

@@ -134,6 +134,7 @@ def low_rank_attention(
     evict_at: Tensor,
     chunk: int = 128,
     window: int | None = None,
+    max_evicted: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The state part ``(phi H_t, phi z_t)`` for every row, O(S * R * d), fp32.
 
@@ -143,6 +144,10 @@ def low_rank_attention(
     per row inside the chunk and then folded into the carry. ``window`` w: a key the policy
     evicted (``evict_at[j] < j + w``) leaves the state again at row ``j + w`` (subtracted);
     one that expired (``evict_at[j] == j + w``) never enters it.
+
+    ``max_evicted``: a bound on the keys any row chunk evicts (e.g. from
+    :func:`max_evicted_per_chunk`, computed once for fixed ``evict_at``); with it every chunk has
+    the same shapes and nothing waits for the device. ``None``: measured per chunk.
     """
     if window is not None:
         s = evict_at.shape[-1]
@@ -150,8 +155,12 @@ def low_rank_attention(
         folded = evict_at < end
         fold_at = torch.where(folded, evict_at, s)
         drop_at = torch.where(folded, end.clamp(max=s), s)
-        num, den = low_rank_attention(phi_q, psi_k, v, fold_at, chunk)
-        num_gone, den_gone = low_rank_attention(phi_q, psi_k, v, drop_at, chunk)
+        # each key drops at its own row, so at most `chunk` keys drop per row chunk
+        drop_bound = None if max_evicted is None else chunk
+        num, den = low_rank_attention(phi_q, psi_k, v, fold_at, chunk, max_evicted=max_evicted)
+        num_gone, den_gone = low_rank_attention(
+            phi_q, psi_k, v, drop_at, chunk, max_evicted=drop_bound
+        )
         return num - num_gone, (den - den_gone).clamp(min=0)
     b, h, s, r = phi_q.shape
     hkv, d = v.shape[1], v.shape[-1]
@@ -161,32 +170,41 @@ def low_rank_attention(
     bounds = torch.searchsorted(e_sorted, edges.expand(b, hkv, -1).contiguous())  # #(e < edge)
     carry_h = phi_q.new_zeros(b, hkv, r, d, dtype=F32)
     carry_z = phi_q.new_zeros(b, hkv, r, dtype=F32)
+    psi_f, v_f = psi_k.to(F32), v.to(F32)
     nums, dens = [], []
-    for ci in range(len(edges) - 1):
-        a, e = int(edges[ci]), int(edges[ci + 1])
-        if a >= e:
-            break
+    for ci, a in enumerate(range(0, s, chunk)):
+        e = min(a + chunk, s)
         ph = _grouped(phi_q[:, :, a:e].to(F32), hkv)  # [B,Hkv,g,C,R]
         num = torch.einsum("bkgcr,bkrd->bkgcd", ph, carry_h)
         den = torch.einsum("bkgcr,bkr->bkgc", ph, carry_z)
         lo, hi = bounds[..., ci], bounds[..., ci + 1]
-        m = int((hi - lo).max())
+        m = int((hi - lo).max()) if max_evicted is None else min(int(max_evicted), s)
         if m > 0:
             i = lo[..., None] + torch.arange(m, device=v.device)
             ok = i < hi[..., None]  # [B,Hkv,m]
             key = order.gather(-1, i.clamp(max=s - 1))
-            ps = psi_k.to(F32).gather(2, key[..., None].expand(b, hkv, m, r)) * ok[..., None]
-            vs = v.to(F32).gather(2, key[..., None].expand(b, hkv, m, d))
+            ps = psi_f.gather(2, key[..., None].expand(b, hkv, m, r)) * ok[..., None]
+            vs = v_f.gather(2, key[..., None].expand(b, hkv, m, d))
             t = torch.arange(a, e, device=v.device)[:, None]
             vis = evict_at.gather(-1, key)[..., None, :] <= t  # [B,Hkv,C,m]
             att = torch.einsum("bkgcr,bkmr->bkgcm", ph, ps) * vis.unsqueeze(2)
-            num = num + att @ vs.unsqueeze(2)
+            num = num + (att.flatten(2, 3) @ vs).view(num.shape)  # [B,Hkv,g*C,m] @ [B,Hkv,m,d]
             den = den + att.sum(-1)
             carry_h = carry_h + torch.einsum("bkmr,bkmd->bkrd", ps, vs)
             carry_z = carry_z + ps.sum(2)
         nums.append(num.reshape(b, h, e - a, d))
         dens.append(den.reshape(b, h, e - a))
     return torch.cat(nums, 2), torch.cat(dens, 2)
+
+
+def max_evicted_per_chunk(evict_at: Tensor, chunk: int = 128) -> Tensor:
+    """The most keys any row chunk ``[a, a + chunk)`` evicts, over every sequence and KV head:
+    evict_at [..., S] -> 0-d long tensor (a bound for :func:`low_rank_attention`)."""
+    s = evict_at.shape[-1]
+    e_sorted = evict_at.flatten(0, -2).sort(dim=-1).values
+    edges = torch.arange(0, s + chunk, chunk, device=evict_at.device).clamp(max=s)
+    bounds = torch.searchsorted(e_sorted, edges.expand(e_sorted.shape[0], -1).contiguous())
+    return (bounds[:, 1:] - bounds[:, :-1]).max()
 
 
 def parallel_attention(

@@ -170,3 +170,23 @@ def test_gradients_finite_with_empty_state_rows():
     assert torch.isfinite(phi.grad).all() and torch.isfinite(psi.grad).all()
     assert phi.grad[:, :, :16].abs().max() == 0  # rows before the budget see no state
     assert psi.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("policy", [H2O(6, 6), LambdaMask(2, 8), RandomPolicy(8, 3)], ids=repr)
+def test_static_max_evicted_bound_gives_the_same_state(policy):
+    """Training passes one bound for every chunk (no host sync per chunk): the bound from
+    max_evicted_per_chunk must equal the largest per-chunk count (a bound one short would drop
+    an evicted key), and padding up to it must change nothing."""
+    from lessctl.less.attention import low_rank_attention, max_evicted_per_chunk
+
+    q, k, v, phi, psi = inputs(2, 6, 2, seed=4)
+    e = policy.evict_at(q, k)
+    bound = int(max_evicted_per_chunk(e, chunk=16))
+    per_chunk = [int(((e >= a) & (e < min(a + 16, S))).sum(-1).max()) for a in range(0, S, 16)]
+    assert bound == max(per_chunk) > 0
+    want = low_rank_attention(phi, psi, v, e, chunk=16)
+    for m in (bound, bound + 7):
+        got = low_rank_attention(phi, psi, v, e, chunk=16, max_evicted=m)
+        assert all(close(a, b) for a, b in zip(got, want, strict=True))
+    short = low_rank_attention(phi, psi, v, e, chunk=16, max_evicted=bound - 1)
+    assert not close(short[0], want[0])
