@@ -275,8 +275,9 @@ def test_longctx_bad_file_is_one_line(tmp_path):
 
 
 def test_passkey_end_to_end_full_equals_huge_budget(tmp_path, monkeypatch):
-    """Through the CLI on tiny-random: a budget that evicts nothing answers like full (the
-    evicting cache and the library cache agree); rows per (length, depth, method)."""
+    """Through the CLI on tiny-random: a budget that evicts nothing (304 = 300 + 4 new tokens)
+    answers like full (the evicting cache and the library cache agree, suffix fed the same way);
+    rows per (length, depth, method)."""
     from lessctl.runs import list_runs
 
     monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
@@ -287,7 +288,7 @@ def test_passkey_end_to_end_full_equals_huge_budget(tmp_path, monkeypatch):
         "task.samples=1",
         "task.max_new_tokens=4",
         "policy=h2o",
-        "policy.budget.size=400",
+        "policy.budget.size=304",
         "eval.methods=[full,baseline]",
         "eval.batch_size=2",
     )

@@ -79,6 +79,11 @@ def answers_of(value, where: str) -> list[str]:
     return items
 
 
+def _given(v) -> bool:
+    """A cell that holds a value (not missing, NaN or empty)."""
+    return v is not None and v == v and v != ""
+
+
 def make_samples(cfg: DictConfig, tokenizer, max_pos: int) -> tuple[list[Sample], int, Path]:
     if not cfg.data.get("path"):
         raise LessctlError("task=longctx needs data.path=FILE (.jsonl, .json, .csv or .parquet)")
@@ -91,9 +96,8 @@ def make_samples(cfg: DictConfig, tokenizer, max_pos: int) -> tuple[list[Sample]
     for i, r in enumerate(read(path)):
         where = f"{path} row {i + 1}"
         mnt = r.get("max_new_tokens")
-        mnt = int(cfg.task.max_new_tokens if mnt in (None, "") or mnt != mnt else mnt)
-        prefix = r.get("answer_prefix")
-        prefix = "" if prefix is None or prefix != prefix else str(prefix)
+        mnt = int(mnt if _given(mnt) else cfg.task.max_new_tokens)
+        prefix = str(r["answer_prefix"]) if _given(r.get("answer_prefix")) else ""
         s = Sample(
             id=str(i),
             context=encode(tokenizer, str(r["context"])),
@@ -101,10 +105,10 @@ def make_samples(cfg: DictConfig, tokenizer, max_pos: int) -> tuple[list[Sample]
             answer_prefix=encode(tokenizer, prefix),
             answers=answers_of(r["answer"], where),
             max_new_tokens=mnt,
-            length=int(r["length"]) if r.get("length") not in (None, "") else None,
-            depth=float(r["depth"]) if r.get("depth") not in (None, "") else None,
+            length=int(r["length"]) if _given(r.get("length")) else None,
+            depth=float(r["depth"]) if _given(r.get("depth")) else None,
             match=match,
-            group={"subtask": str(r["task"])} if r.get("task") not in (None, "") else {},
+            group={"subtask": str(r["task"])} if _given(r.get("task")) else {},
         )
         total = lead + len(s.context) + len(s.question) + len(s.answer_prefix) + mnt
         if max_pos and total > max_pos:
