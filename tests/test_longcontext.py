@@ -305,3 +305,21 @@ def test_passkey_end_to_end_full_equals_huge_budget(tmp_path, monkeypatch):
     assert [p["prediction"] for p in strip(full)] == [
         p["prediction"] for p in strip(base.read_text())
     ]
+
+
+@pytest.mark.slow
+def test_smollm2_full_cache_retrieves_a_short_passkey(compose, smollm2, tmp_path):
+    """The embedded model can do the task (measured: 4/4 at 300 tokens, greedy), so a
+    compressed cache that fails it fails for real."""
+    from lessctl.methods import Method
+    from lessctl.policies.budget import build_policy
+
+    model, tok = smollm2
+    cfg = compose("task=passkey", "task.lengths=[300]", "task.depths=[0.5]", "task.samples=4")
+    full = Method("full", build_policy({"name": "full"}, seq_len=308, max_position_embeddings=0))
+    samples = passkey.make_samples(cfg, tok)
+    rows = longcontext.run_samples(
+        cfg, model, tok, [full], tmp_path, samples, dataset="passkey", source="t", log=print
+    )
+    [acc] = [r["value"] for r in rows if r["metric"] == "contains"]
+    assert acc == 1.0

@@ -29,7 +29,10 @@ class Haystack:
     source: str
 
     def cut(self, n: int, rng: random.Random) -> tuple[list[int], list[int]]:
-        """`n` tokens from a random sentence on (wrapping) -> (ids, sentence starts in them)."""
+        """`n` tokens from a random sentence on (wrapping) -> (ids, sentence starts in them).
+
+        The cut ends at a sentence end; the excess is trimmed from the first sentence, so the
+        text before the question is whole."""
         if n < 0:
             raise LessctlError(f"the haystack would need {n} tokens; raise task.lengths")
         first = rng.randrange(len(self.starts))
@@ -41,7 +44,8 @@ class Haystack:
             starts.append(len(ids))
             ids += self.ids[a:b]
             i = (i + 1) % len(self.starts)
-        return ids[:n], [s for s in starts if s < n]
+        extra = len(ids) - n
+        return ids[extra:], [0] + [s - extra for s in starts if s > extra]
 
 
 def from_sentences(tokenizer, sentences: list[str], source: str) -> Haystack:
@@ -111,7 +115,7 @@ def fill(
 
     intro_ids = encode(tokenizer, intro)
     q_ids = encode(tokenizer, "\n" + question)
-    p_ids = encode(tokenizer, "\n" + answer_prefix)
+    p_ids = encode(tokenizer, " " + answer_prefix)
     pieces = [encode(tokenizer, " " + n) for n in needles]
     fixed = len(specials(tokenizer)) + len(intro_ids) + len(q_ids) + len(p_ids)
     n = length - fixed - sum(len(p) for p in pieces)
