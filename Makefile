@@ -36,6 +36,7 @@ clean:
 LESS    := $(BIN)/lessctl
 CPU     := experiment=cpu
 PPL     := eval.window=512 eval.windows=4
+LONGCTX := experiment=longctx 'task.lengths=[256,512]' 'task.depths=[0.1,0.5,0.9]' task.samples=2 policy=h2o policy.budget.size=32
 SUMM    := eval.samples=10 eval.shots=1 eval.max_new_tokens=32 eval.max_prompt_tokens=1024 policy.budget.size=0.2 policy.budget.of=sequence
 
 reproduce: install
@@ -50,6 +51,7 @@ reproduce: install
 	done; done
 	$(LESS) eval $(CPU) task=xsum policy=lambda $(SUMM)
 	$(LESS) eval $(CPU) task=xsum policy=h2o $(SUMM) 'eval.methods=[baseline,baseline_plus,less,performer]'
+	$(LESS) eval $(LONGCTX)
 	$(LESS) bench $(CPU)
 	$(LESS) report
 

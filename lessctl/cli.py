@@ -207,13 +207,26 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> None:
     console.print(table)
 
 
+def task_overrides(overrides: list[str]) -> list[str]:
+    """`task=X` stays a task when conf/task/X.yaml exists, else it is short for `data=X`."""
+    from lessctl.config import group_options
+
+    tasks = set(group_options("task"))
+    out = []
+    for o in overrides:
+        if o.startswith("task=") and o.split("=", 1)[1] not in tasks:
+            o = "data=" + o.split("=", 1)[1]
+        out.append(o)
+    return out
+
+
 @app.command(name="eval", context_settings=EXTRA)
 def eval_(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
-    """Evaluate Full / Baseline / Baseline+ / LESS / Performer: `task=<data option>` picks
-    perplexity (text corpora) or summarisation ROUGE (cnndm, xsum, multinews)."""
-    overrides = [
-        ("data=" + o.split("=", 1)[1]) if o.startswith("task=") else o for o in (overrides or [])
-    ]
+    """Evaluate Full / Baseline / Baseline+ / LESS / Performer on a task: `task=<name>` picks a
+    task of conf/task/ (passkey, needle, variable_tracking, common_words, longctx, ...);
+    `task=<data option>` is short for `data=<option>`: perplexity (text corpora) or
+    summarisation ROUGE (cnndm, xsum, multinews)."""
+    overrides = task_overrides(overrides or [])
     cfg = compose(overrides, print_cfg)
     if cfg is None:
         return

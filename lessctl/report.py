@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from lessctl.report_longctx import sections as longctx_sections
 from lessctl.runs import list_runs
 
 ORDER = ["full", "baseline", "baseline_plus", "less", "performer"]
@@ -360,6 +361,7 @@ def run(results_dir: str | Path = "results") -> Path:
             "",
         ]
         out += [f"![{f}](figures/{f})" for f in _layer_figures(train, fig_dir)] + [""]
+    out += longctx_sections(df, fig_dir)  # passkey / needle / RULER-style: lessctl.report_longctx
     bench = latest[latest.get("task") == "bench"] if "task" in latest else latest[:0]
     if not bench.empty:
         bench = bench.assign(

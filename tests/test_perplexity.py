@@ -5,8 +5,8 @@ import torch
 
 from lessctl.hooks import use_attention
 from lessctl.methods import Method, ParallelAttention
-from lessctl.perplexity import method_nll
 from lessctl.policies import get_policy
+from lessctl.tasks.perplexity import method_nll
 
 
 @pytest.fixture

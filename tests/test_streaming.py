@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lessctl import perplexity, streaming
 from lessctl.methods import Method
 from lessctl.policies import get_policy
+from lessctl.tasks import perplexity, streaming
 
 TEXT = "The cat sat on the mat. " * 40 + "A quick brown fox jumps over the lazy dog. " * 30
 

@@ -1,6 +1,6 @@
 import pytest
 
-from lessctl.summarize import build_prompt, clean, rouge
+from lessctl.tasks.summarize import build_prompt, clean, rouge
 
 
 def test_prompt_format():

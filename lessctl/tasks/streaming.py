@@ -18,7 +18,9 @@ from omegaconf import DictConfig
 
 from lessctl.decoding import stream_logits
 from lessctl.methods import Method
-from lessctl.perplexity import run as perplexity_run
+from lessctl.tasks.base import register
+from lessctl.tasks.perplexity import run as perplexity_run
+from lessctl.tasks.perplexity import window_tokens
 
 
 def stream_nll(
@@ -42,3 +44,8 @@ def run(
     return perplexity_run(
         cfg, model, tokenizer, methods, log, nll=stream_nll, task="perplexity_streaming"
     )
+
+
+@register("perplexity_streaming", context_tokens=window_tokens)
+def task(cfg: DictConfig, model, tokenizer, methods: list[Method], run_dir, log=print):
+    return run(cfg, model, tokenizer, methods, log=log)

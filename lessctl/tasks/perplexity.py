@@ -21,6 +21,7 @@ from lessctl.data import load_texts, token_windows
 from lessctl.errors import LessctlError
 from lessctl.hooks import use_attention
 from lessctl.methods import Method, ParallelAttention
+from lessctl.tasks.base import register
 
 
 def window_nll(model, windows: torch.Tensor) -> tuple[float, int]:
@@ -100,3 +101,16 @@ def run(
             f"{ppl_t:8.3f}  ppl(word) {ppl_w:8.3f}  ({time.perf_counter() - t0:.0f}s)"
         )
     return rows
+
+
+def window_tokens(cfg: DictConfig, max_pos: int) -> int:
+    """`eval.window` (default: max_position_embeddings), refused past the model's limit."""
+    window = int(cfg.eval.window or max_pos)
+    if max_pos and window > max_pos:
+        raise LessctlError(f"eval.window={window} exceeds max_position_embeddings={max_pos}")
+    return window
+
+
+@register("perplexity", context_tokens=window_tokens)
+def task(cfg: DictConfig, model, tokenizer, methods: list[Method], run_dir, log=print):
+    return run(cfg, model, tokenizer, methods, log=log)

@@ -26,6 +26,7 @@ from rouge_score import rouge_scorer
 
 from lessctl.data import load_pairs
 from lessctl.methods import Method
+from lessctl.tasks.base import register
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
 STOP = "###"
@@ -165,3 +166,14 @@ def run(
             + f"  ({time.perf_counter() - t0:.0f}s)"
         )
     return rows
+
+
+def sequence_tokens(cfg: DictConfig, max_pos: int) -> int:
+    """The longest sequence allowed: `eval.max_prompt_tokens + eval.max_new_tokens`."""
+    new = int(cfg.eval.max_new_tokens)
+    return int(cfg.eval.max_prompt_tokens or (max_pos - new)) + new
+
+
+@register("summarization", context_tokens=sequence_tokens)
+def task(cfg: DictConfig, model, tokenizer, methods: list[Method], run_dir, log=print):
+    return run(cfg, model, tokenizer, methods, Path(run_dir), log=log)

@@ -1,0 +1,132 @@
+"""The long-context part of `lessctl report`: per (task, dataset, model, policy, budget, question
+position) an accuracy heatmap (length x depth) per method side by side, and a table of accuracy
+(`contains`, mean over the grid, with the number of samples) against budget per method.
+
+Called from lessctl.report.run with all saved rows (it keeps the newest per cell itself);
+returns Markdown lines. Baseline+, LESS and Performer are listed under the budget of the
+Baseline of their run (Baseline+ holds a few more tokens, the size of the LESS state).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from lessctl.tasks.longcontext import interval
+
+ORDER = ["full", "baseline", "baseline_plus", "less", "performer", "snapkv"]
+TASKS = ("passkey", "needle", "variable_tracking", "common_words", "longctx")
+METRIC = "contains"
+
+
+def _methods(d: pd.DataFrame) -> list[str]:
+    present = list(dict.fromkeys(d.method))
+    return [m for m in ORDER if m in present] + [m for m in present if m not in ORDER]
+
+
+def _heatmap(path: Path, cells: dict[str, pd.DataFrame], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(cells)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n + 0.8, 3.0), dpi=110, squeeze=False)
+    im = None
+    for ax, (method, piv) in zip(axes[0], cells.items(), strict=True):
+        im = ax.imshow(piv.values.T, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+        ax.set_xticks(range(len(piv.index)), [str(int(x)) for x in piv.index], fontsize=7)
+        ax.set_yticks(range(len(piv.columns)), [str(c) for c in piv.columns], fontsize=7)
+        ax.set_xlabel("length (tokens)", fontsize=8)
+        ax.set_title(method, fontsize=9)
+        for i in range(piv.shape[0]):
+            for j in range(piv.shape[1]):
+                v = piv.values[i, j]
+                if v == v:
+                    ax.text(i, j, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+    axes[0][0].set_ylabel("depth", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _label(x) -> str:
+    return "–" if x is None or x != x else str(int(x))
+
+
+KEYS = ["task", "dataset", "source", "model", "question", "subtask", "method", "policy"]
+
+
+def sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
+    """Markdown for every long-context task in the rows (empty when there is none)."""
+    if "task" not in rows or "length" not in rows:
+        return []
+    d = rows[rows.task.isin(TASKS) & (rows.metric == METRIC)].copy()
+    if d.empty:
+        return []
+    d["depth"] = d["depth"].astype(object).where(d["depth"].notna(), "–")
+    d["length"] = d["length"].fillna(-1)
+    for col, default in (("question", "after"), ("subtask", "–"), ("source", "")):
+        d[col] = d[col].fillna(default) if col in d else default
+    # the budget a row is compared at: its run's Baseline budget (full: none)
+    base = d[d.method == "baseline"].groupby(["_run", "policy"])["budget"].first()
+    d["at_budget"] = [
+        base.get((r, p), b) if m != "full" else -1
+        for r, p, b, m in zip(d._run, d.policy, d.budget, d.method, strict=True)
+    ]
+    d = d.sort_values("_run").drop_duplicates([*KEYS, "at_budget", "length", "depth"], keep="last")
+    d["ok"] = d["value"] * d["samples"]
+    out = [
+        "## Long-context retrieval (share of answers found, `contains`)",
+        "",
+        "Greedy answers through the real-eviction cache; `question=after`: the context was "
+        "compressed before the question was read. Full has no budget and is matched on the "
+        "same task, data and grid. Interval: 95% Wilson over all samples of the grid.",
+        "",
+    ]
+    for (task, dataset, model, question, subtask), g in d.groupby(
+        ["task", "dataset", "model", "question", "subtask"], sort=True
+    ):
+        full = g[g.method == "full"]
+        rest = g[g.method != "full"]
+        table = []
+        for (policy, budget), gb in rest.groupby(["policy", "at_budget"], sort=True):
+            gb = pd.concat([full, gb])
+            row = {"policy": policy, "budget": int(budget)}
+            for m in _methods(gb):
+                s = gb[gb.method == m]
+                n = int(s.samples.sum())
+                k = float(s.ok.sum())
+                p = k / n
+                lo, hi = interval([1.0] * round(k) + [0.0] * (n - round(k))) if n else (0, 0)
+                row[m] = f"{p:.2f} [{lo:.2f}, {hi:.2f}] (n={n})"
+            table.append(row)
+            cells = {}
+            for m in _methods(gb):
+                s = gb[gb.method == m]
+                cells[m] = s.pivot_table(index="length", columns="depth", values="value")
+            sub = "" if subtask == "–" else f"-{subtask}"
+            name = f"longctx-{task}{sub}-{dataset}-{model}-{question}-{policy}-{int(budget)}.png"
+            name = name.replace("/", "_").replace(":", "_")
+            _heatmap(
+                fig_dir / name,
+                cells,
+                f"{task} ({dataset}) {model}, {policy} budget {int(budget)}, question {question}",
+            )
+            table[-1]["heatmap"] = f"![heatmap](figures/{name})"
+        if not table:
+            continue
+        t = pd.DataFrame(table)
+        cols = ["policy", "budget", *[m for m in ORDER if m in t.columns]]
+        cols += [c for c in t.columns if c not in cols and c != "heatmap"]
+        lengths = ", ".join(_label(x) for x in sorted(set(g.length)))
+        sub = "" if subtask == "–" else f" / {subtask}"
+        out += [f"### {task}{sub} — {dataset}, {model}, question {question} (lengths {lengths})"]
+        out += [""]
+        out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        out += ["| " + " | ".join(str(r.get(c, "–")) for c in cols) + " |" for r in table]
+        out += [""] + [r["heatmap"] for r in table] + [""]
+    return out

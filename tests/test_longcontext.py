@@ -1,0 +1,325 @@
+"""Long-context retrieval tasks: generators (seeded, exact lengths, depth placement), scoring,
+the external file format, and one task end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lessctl.errors import LessctlError
+from lessctl.tasks import haystack, longcontext, needle, passkey, variable_tracking
+from lessctl.tasks.longcontext import Sample, interval, layout, place, score, specials
+
+TEXT = (
+    "The committee met on Tuesday to discuss the budget. Members argued about roads and "
+    "schools for hours. In the end a compromise was reached. Local papers praised the result! "
+    "Farmers wanted more water for their fields. The mayor promised a new bridge next spring. "
+) * 6
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    p = tmp_path / "hay.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def test_score_contains_and_exact():
+    assert score("The pass key is 12345.", ["12345"]) == {"contains": 1.0, "exact": 0.0}
+    assert score(" 12345.\nand more", ["12345"]) == {"contains": 1.0, "exact": 1.0}
+    assert score("1234", ["12345"]) == {"contains": 0.0, "exact": 0.0}
+    # several required answers (RULER string_match_all): the share found
+    assert score("ABCDE, FGHIJ", ["abcde", "fghij", "KLMNO"])["contains"] == pytest.approx(2 / 3)
+    assert score("FGHIJ, abcde", ["abcde", "fghij"])["exact"] == 1.0
+    assert score("FGHIJ, abcde, x", ["abcde", "fghij"])["exact"] == 0.0
+    # alternatives (LongBench): one is enough
+    assert score("it was Paris", ["Lyon", "Paris"], match="any")["contains"] == 1.0
+
+
+def test_interval_wilson_and_normal():
+    lo, hi = interval([1.0, 1.0, 1.0, 1.0])
+    assert hi == pytest.approx(1.0) and 0.45 < lo < 0.55  # Wilson 4/4: [0.510, 1]
+    lo, hi = interval([0.0, 1.0])
+    assert lo < 0.5 < hi
+    lo, hi = interval([0.5, 0.7, 0.6])
+    assert lo < 0.6 < hi
+
+
+def test_place_inserts_at_nearest_sentence_start():
+    hay = list(range(100))
+    starts = [0, 10, 20, 50, 90]
+    ids, where = place(hay, starts, [[-1, -1], [-2]], [0.45, 1.0])
+    assert where == [50, 102]  # 0.45*100 -> nearest start 50; 1.0 -> the end, after piece 0
+    assert ids[50:52] == [-1, -1] and ids[-1] == -2 and len(ids) == 103
+    assert [x for x in ids if x >= 0] == hay  # the haystack itself is unchanged, in order
+
+
+def test_layout_question_positions():
+    s = Sample("0", [1, 2], [3], [4], ["x"], 5)
+    assert layout(s, [0], "after") == ([0, 1, 2], [3, 4])
+    assert layout(s, [0], "before") == ([0, 3, 1, 2], [4])
+    assert layout(s, [0], "end") == ([0, 1, 2, 3, 4], [])
+    with pytest.raises(LessctlError, match="allowed: after, before, end"):
+        layout(s, [0], "middle")
+
+
+def _total(tok, s: Sample) -> int:
+    return len(specials(tok)) + len(s.context) + len(s.question) + len(s.answer_prefix)
+
+
+def test_passkey_exact_length_depth_and_seed(compose, tiny_model):
+    _, tok = tiny_model
+    cfg = compose(
+        "experiment=smoke", "task=passkey", "task.lengths=[300,480]", "task.depths=[0,0.5,1]"
+    )
+    a = passkey.make_samples(cfg, tok)
+    hay = haystack.noise(tok)
+    ends = [*hay.starts[1:], len(hay.ids)]
+    sentence = max(e - b for b, e in zip(hay.starts, ends, strict=True))
+    assert len(a) == 2 * 3 * int(cfg.task.samples)
+    for s in a:
+        assert _total(tok, s) == s.length  # counted in the model's own tokens, exactly
+        text = tok.decode(s.context)
+        key = s.answers[0]
+        assert text.count(key) == 2 and len(key) == 5
+        assert tok.decode(s.context[s.needle_at :]).startswith(" The pass key is " + key)
+        # the needle sits at the depth of the haystack (within one filler sentence)
+        intro = len(longcontext.encode(tok, passkey.INTRO))
+        needle = f" The pass key is {key}. Remember it. {key} is the pass key."
+        hay_len = len(s.context) - intro - len(longcontext.encode(tok, needle))
+        assert abs(s.needle_at - intro - s.depth * hay_len) <= sentence / 2 + 1
+    b = passkey.make_samples(cfg, tok)
+    assert [s.context for s in a] == [s.context for s in b]  # same seed, same samples
+    c = passkey.make_samples(compose(*_over(cfg), "seed=1"), tok)
+    assert [s.answers for s in a] != [s.answers for s in c]
+    # a cell's samples do not depend on the rest of the grid
+    d = passkey.make_samples(compose(*_over(cfg), "task.lengths=[480]"), tok)
+    assert [s.context for s in d] == [s.context for s in a if s.length == 480]
+
+
+def _over(cfg) -> list[str]:
+    return [
+        "experiment=smoke",
+        "task=passkey",
+        f"task.lengths=[{','.join(str(x) for x in cfg.task.lengths)}]",
+        f"task.depths=[{','.join(str(x) for x in cfg.task.depths)}]",
+    ]
+
+
+def test_needle_variants_and_corpus_haystack(compose, tiny_model, corpus_file):
+    _, tok = tiny_model
+    cfg = compose(
+        "experiment=smoke",
+        "task=needle",
+        f"data.path={corpus_file}",
+        "task.lengths=[900]",
+        "task.depths=[0.25]",
+        "task.samples=2",
+        "task.num_keys=3",
+        "task.num_values=1",
+        "task.num_queries=2",
+        "task.key_type=numbers",
+    )
+    samples, source = needle.make_samples(cfg, tok)
+    assert source.startswith("file:")
+    for s in samples:
+        assert _total(tok, s) == 900
+        text = tok.decode(s.context)
+        assert text.count("special magic numbers for") == 3  # 3 keys x 1 value
+        assert len(s.answers) == 2 and all(a in text for a in s.answers)
+        assert "committee" in text  # the haystack is the corpus
+        q = tok.decode(s.question)
+        assert " and " in q and "What are all" in q
+    # several values of one key: all of them are the answer
+    multi = compose(*_needle(corpus_file), "task.num_values=2", "task.key_type=numbers")
+    for s in needle.make_samples(multi, tok)[0]:
+        text = tok.decode(s.context)
+        assert text.count("special magic numbers for") == 2 and len(s.answers) == 2
+        assert all(f"is: {a}." in text for a in s.answers)
+    with pytest.raises(LessctlError, match="num_queries <= num_keys"):
+        needle.make_samples(compose(*_needle(corpus_file), "task.num_queries=2"), tok)
+
+
+def _needle(path) -> list[str]:
+    return ["experiment=smoke", "task=needle", f"data.path={path}", "task.lengths=[900]"]
+
+
+def test_variable_tracking_chain(compose, tiny_model):
+    _, tok = tiny_model
+    cfg = compose("experiment=smoke", "task=variable_tracking", "task.lengths=[480]")
+    for s in variable_tracking.make_samples(cfg, tok):
+        text = tok.decode(s.context)
+        names = s.answers
+        assert len(names) == int(cfg.task.hops) + 1
+        # the chain appears in order: each VAR assigned from the one before
+        pos = [text.index(f"VAR {n} =") for n in names]
+        assert pos == sorted(pos)
+        assert all(f"VAR {b} = VAR {a}." in text for a, b in zip(names, names[1:], strict=False))
+
+
+def test_common_words_counts(compose, tiny_model, corpus_file):
+    from lessctl.tasks import common_words
+
+    _, tok = tiny_model
+    cfg = compose(
+        "experiment=smoke",
+        "task=common_words",
+        f"data.path={corpus_file}",
+        "task.lengths=[480]",
+        "task.common=3",
+        "task.common_freq=4",
+        "task.uncommon_freq=1",
+    )
+    samples, _ = common_words.make_samples(cfg, tok)
+    for s in samples:
+        assert _total(tok, s) <= 480
+        text = tok.decode(s.context).split("\n", 1)[1]
+        listed = text.split()[1::2]
+        assert all(listed.count(w) == 4 for w in s.answers)
+        assert max(listed.count(w) for w in set(listed) - set(s.answers)) == 1
+
+
+def test_haystack_cut_is_exact_and_wraps(tiny_model):
+    import random
+
+    _, tok = tiny_model
+    hay = haystack.noise(tok)
+    ids, starts = hay.cut(5 * len(hay.ids) + 3, random.Random(0))
+    assert len(ids) == 5 * len(hay.ids) + 3 and starts[0] == 0 and len(starts) > 5
+
+
+def test_lengths_past_the_model_are_refused(compose):
+    from lessctl.tasks import get_task
+
+    cfg = compose("experiment=smoke", "task=passkey", "task.lengths=[600]")
+    with pytest.raises(LessctlError, match="max_position_embeddings=512"):
+        get_task("passkey").context_tokens(cfg, 512)
+
+
+def _run_cli(*args):
+    from typer.testing import CliRunner
+
+    from lessctl.cli import app
+
+    return CliRunner().invoke(app, ["eval", "experiment=smoke", *args])
+
+
+def test_longctx_file_end_to_end_on_tiny_model(tmp_path, monkeypatch):
+    """An external-format JSONL through data.path: rows per (sub-task, length), per-sample
+    scores in the run folder, too-long examples skipped and counted."""
+    from lessctl.runs import list_runs
+
+    monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
+    rows = [
+        {
+            "context": "The secret code is 4417. " + "Filler text here. " * 5,
+            "question": "\nWhat is the secret code?",
+            "answer_prefix": "\nThe secret code is",
+            "answer": "4417",
+            "max_new_tokens": 4,
+            "task": "code",
+            "length": 128,
+        },
+        {
+            "context": "Apples and pears. " * 4,
+            "question": "\nName two fruits.",
+            "answer_prefix": " Fruits:",
+            "answer": ["apples", "pears"],
+            "max_new_tokens": 3,
+            "task": "fruit",
+            "length": 128,
+        },
+        {
+            "context": "x" * 600,
+            "question": "?",
+            "answer_prefix": "",
+            "answer": "y",
+            "max_new_tokens": 2,
+        },  # fmt: skip
+    ]
+    path = tmp_path / "suite.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    res = _run_cli(
+        "task=longctx",
+        f"data.path={path}",
+        "policy.budget.size=24",
+        "eval.batch_size=2",
+        "eval.methods=[full,baseline]",
+    )
+    assert res.exit_code == 0, res.output
+    [run] = list_runs("results", "eval")
+    got = run.rows()
+    assert {(r["method"], r["subtask"], r["metric"]) for r in got} == {
+        (m, t, k)
+        for m in ("full", "baseline")
+        for t in ("code", "fruit")
+        for k in ("contains", "exact")
+    }
+    assert all(r["skipped"] == 1 and r["samples"] == 1 and r["length"] == 128 for r in got)
+    assert all(r["source"] == f"file:{path}" and r["git"] and r["v_torch"] for r in got)
+    assert all(0.0 <= r["ci_low"] <= r["value"] <= r["ci_high"] <= 1.0 for r in got)
+    preds = run.path / "predictions"
+    full = [json.loads(x) for x in (preds / "longctx-full-None.jsonl").read_text().splitlines()]
+    assert [p["answers"] for p in full] == [["4417"], ["apples", "pears"]]
+    assert all(set(p) >= {"prediction", "contains", "exact", "tokens"} for p in full)
+
+
+def test_longctx_bad_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"context": "a", "answer": "b"}))
+    res = _run_cli("task=longctx", f"data.path={bad}", "eval.methods=[full]")
+    assert res.exit_code == 2 and "lacks column(s) question" in res.output
+    res = _run_cli("task=longctx", "eval.methods=[full]")
+    assert res.exit_code == 2 and "needs data.path=FILE" in res.output
+
+
+def test_passkey_end_to_end_full_equals_huge_budget(tmp_path, monkeypatch):
+    """Through the CLI on tiny-random: a budget that evicts nothing (304 = 300 + 4 new tokens)
+    answers like full (the evicting cache and the library cache agree, suffix fed the same way);
+    rows per (length, depth, method)."""
+    from lessctl.runs import list_runs
+
+    monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
+    res = _run_cli(
+        "task=passkey",
+        "task.lengths=[300]",
+        "task.depths=[0,1]",
+        "task.samples=1",
+        "task.max_new_tokens=4",
+        "policy=h2o",
+        "policy.budget.size=304",
+        "eval.methods=[full,baseline]",
+        "eval.batch_size=2",
+    )
+    assert res.exit_code == 0, res.output
+    [run] = list_runs("results", "eval")
+    got = run.rows()
+    assert {(r["method"], r["length"], r["depth"]) for r in got} == {
+        (m, 300, d) for m in ("full", "baseline") for d in (0.0, 1.0)
+    }
+    preds = run.path / "predictions"
+    full = (preds / "passkey-full-None.jsonl").read_text()
+    [base] = list(preds.glob("passkey-baseline-*.jsonl"))
+    strip = lambda t: [{k: v for k, v in json.loads(x).items()} for x in t.splitlines()]  # noqa: E731
+    assert [p["prediction"] for p in strip(full)] == [
+        p["prediction"] for p in strip(base.read_text())
+    ]
+
+
+@pytest.mark.slow
+def test_smollm2_full_cache_retrieves_a_short_passkey(compose, smollm2, tmp_path):
+    """The embedded model can do the task (measured: 4/4 at 300 tokens, greedy), so a
+    compressed cache that fails it fails for real."""
+    from lessctl.methods import Method
+    from lessctl.policies.budget import build_policy
+
+    model, tok = smollm2
+    cfg = compose("task=passkey", "task.lengths=[300]", "task.depths=[0.5]", "task.samples=4")
+    full = Method("full", build_policy({"name": "full"}, seq_len=308, max_position_embeddings=0))
+    samples = passkey.make_samples(cfg, tok)
+    rows = longcontext.run_samples(
+        cfg, model, tok, [full], tmp_path, samples, dataset="passkey", source="t", log=print
+    )
+    [acc] = [r["value"] for r in rows if r["metric"] == "contains"]
+    assert acc == 1.0
