@@ -19,7 +19,13 @@ def run(cfg: DictConfig, run: Run, log=print) -> list[dict[str, Any]]:
     model, tok = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device), seed=cfg.seed)
     geo = attention_geometry(model)
     max_pos = geo["max_position_embeddings"]
-    if cfg.data.kind == "text":
+    if cfg.data.kind == "lm_eval":
+        from lessctl.lm_eval.task import run as lm_eval_run
+
+        window = int(cfg.eval.window or max_pos)
+        methods = build_methods(cfg, geo, window, device)
+        rows = lm_eval_run(cfg, model, tok, methods, run.path, log=log)
+    elif cfg.data.kind == "text":
         from lessctl import perplexity
 
         window = int(cfg.eval.window or max_pos)
