@@ -54,7 +54,7 @@ def lessctl_lm(model, tok, method, batch_size=1):
 
 
 def h2o(budget=16):
-    return Method("baseline", get_policy("h2o", budget=budget, recent=4))
+    return Method("baseline", get_policy("h2o", heavy=budget - 4, recent=4))
 
 
 def test_full_equals_plain_hflm(tiny_model):
@@ -145,8 +145,9 @@ def test_launcher_runs_lm_eval_command_line(tmp_path):
         "--model",
         "lessctl",
         "--model_args",
-        "model=tiny-random,method=baseline,policy=h2o,budget=16,max_length=64,dtype=float32,"
-        "device=cpu",
+        "model=tiny-random,method=baseline,policy=lambda,budget=16,max_length=64,dtype=float32",
+        "--device",
+        "cpu",
         "--tasks",
         "lessctl_mc",
         "--limit",
@@ -161,7 +162,7 @@ def test_launcher_runs_lm_eval_command_line(tmp_path):
     acc = results["results"]["lessctl_mc"]["acc,none"]
     assert 0.0 <= acc <= 1.0
     assert results["n-samples"]["lessctl_mc"]["effective"] == 2
-    assert results["config"]["lessctl_policy"] == "h2o"
+    assert results["config"]["lessctl_policy"] == "lambda"
 
 
 def test_eval_task_lm_eval_rows_and_report(tmp_path):
@@ -181,7 +182,7 @@ def test_eval_task_lm_eval_rows_and_report(tmp_path):
             "lm_eval.bootstrap_iters=100",
             "eval.methods=[full,baseline]",
             "eval.window=64",
-            "policy=h2o",
+            "policy=lambda",
             "policy.budget.size=16",
             f"results_dir={tmp_path}",
         ],
@@ -203,11 +204,10 @@ def test_eval_task_lm_eval_rows_and_report(tmp_path):
     assert "lessctl_mc" in text
 
 
-def test_unknown_task_is_one_line(tiny_model, compose, tmp_path):
-    from lessctl.lm_eval.task import run
+def test_unknown_task_is_one_line():
+    from lessctl.lm_eval.task import load_tasks, task_manager
 
-    model, tok = tiny_model
-    cfg = compose("model=tiny-random", "data=lm_eval")
-    cfg.lm_eval.tasks = ["no_such_task"]
+    manager = task_manager(["lessctl_mc"])  # local tasks only: no index of lm-eval's own
+    assert "lessctl_wikitext" in manager.all_tasks
     with pytest.raises(LessctlError, match="unknown lm_eval task 'no_such_task'"):
-        run(cfg, model, tok, [], tmp_path)
+        load_tasks(["no_such_task"], manager)

@@ -24,8 +24,10 @@ from lessctl.lm_eval.local_data import SOURCES, TASKDEFS
 from lessctl.methods import Method
 
 
-def task_manager(include_path: str | None = None):
-    """lm-eval's TaskManager over its own tasks, lessctl's `taskdefs/` and `include_path`."""
+def task_manager(names: list[str], include_path: str | None = None):
+    """lm-eval's TaskManager over lessctl's `taskdefs/` and `include_path`, plus lm-eval's own
+    task folder unless every name is found in those (indexing lm-eval's ~15k task YAMLs takes
+    a minute on 2 cores)."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(TASKDEFS)]
@@ -34,13 +36,14 @@ def task_manager(include_path: str | None = None):
         if not p.is_dir():
             raise LessctlError(f"lm_eval.include_path={include_path!r} is not a folder")
         paths.append(str(p))
+    local = TaskManager(include_path=paths, include_defaults=False)
+    if set(names) <= set(local.all_tasks):
+        return local
     return TaskManager(include_path=paths)
 
 
 def load_tasks(names: list[str], manager) -> None:
     """Refuse unknown task names and tasks whose data cannot be loaded, one line each."""
-    from lm_eval.tasks import get_task_dict
-
     known = set(manager.all_tasks)
     for name in names:
         if name not in known:
@@ -49,7 +52,7 @@ def load_tasks(names: list[str], manager) -> None:
                 f"tasks`, or put its YAML in a folder and pass lm_eval.include_path=DIR"
             )
         try:
-            get_task_dict([name], manager)
+            manager.load([name])
         except LessctlError:
             raise
         except Exception as err:  # datasets raises many kinds (connection, offline, missing)
@@ -108,7 +111,7 @@ def run(
     names = list(le.tasks)
     if not names:
         raise LessctlError("lm_eval.tasks is empty; e.g. lm_eval.tasks=[lessctl_wikitext]")
-    manager = task_manager(le.get("include_path"))
+    manager = task_manager(names, le.get("include_path"))
     load_tasks(names, manager)
     window = int(cfg.eval.window or model.config.max_position_embeddings)
     out_dir = Path(run_dir) / "lm_eval"
