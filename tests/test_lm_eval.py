@@ -211,3 +211,38 @@ def test_unknown_task_is_one_line():
     assert "lessctl_wikitext" in manager.all_tasks
     with pytest.raises(LessctlError, match="unknown lm_eval task 'no_such_task'"):
         load_tasks(["no_such_task"], manager)
+
+
+def test_wikitext_task_is_lm_evals_word_perplexity_with_bootstrap_stderr(tiny_model, tmp_path):
+    """lessctl_wikitext on a local file: lm-eval's word perplexity and bits per byte equal
+    exp(-Σ loglik / Σ words) and -Σ loglik / (Σ bytes · ln 2) over the documents' rolling
+    log-likelihoods; the perplexity's missing stderr is bootstrapped over documents."""
+    import math
+    import re
+
+    from lm_eval.evaluator import simple_evaluate
+
+    from lessctl.lm_eval.task import fill_stderr, result_rows, task_manager
+
+    docs = [TEXT[:90], TEXT[40:200] + "\n", "  " + TEXT[10:60], TEXT * 2]
+    path = tmp_path / "wiki.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    model, tok = tiny_model
+    lm = lessctl_lm(model, tok, h2o())
+    manager = task_manager(["lessctl_wikitext"], metadata={"wikitext_path": str(path)})
+    res = simple_evaluate(
+        model=lm, tasks=["lessctl_wikitext"], task_manager=manager, bootstrap_iters=200
+    )
+    lls = [lm.loglikelihood_rolling(rolling_request(d))[0] for d in docs]
+    words = sum(len(re.split(r"\s+", d)) for d in docs)
+    n_bytes = sum(len(d.encode()) for d in docs)
+    got = res["results"]["lessctl_wikitext"]
+    assert got["word_perplexity,none"] == pytest.approx(math.exp(-sum(lls) / words), rel=1e-5)
+    assert got["bits_per_byte,none"] == pytest.approx(-sum(lls) / n_bytes / math.log(2), rel=1e-5)
+    filled = fill_stderr(res, 200, seed=0)
+    assert ("lessctl_wikitext", "word_perplexity_stderr,none") in filled
+    rows = {r["metric"]: r for r in result_rows(res, filled)}
+    assert rows["word_perplexity"]["stderr"] > 0
+    assert rows["word_perplexity"]["stderr_by"] == "lessctl bootstrap over examples"
+    assert rows["word_perplexity"]["source"] == f"file:{path}"
+    assert rows["word_perplexity"]["n"] == len(docs)

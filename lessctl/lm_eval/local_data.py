@@ -1,9 +1,12 @@
 """Data of lessctl's local lm-eval tasks (taskdefs/*.yaml), read without the hub.
 
-- `wikitext(path=None)`: documents of the embedded WikiText stand-in, or of a local file
+lm-eval hands a task's metadata (`--metadata '{"wikitext_path": ...}'`, `lm_eval.metadata`) to
+these loaders as keyword arguments:
+
+- `wikitext(wikitext_path=None)`: documents of the embedded WikiText stand-in, or of a local file
   (`.jsonl` with a `page` or `text` field per document, or one `.txt` document), as
   `{"test": Dataset(page)}`;
-- `multiple_choice(path=None)`: `taskdefs/mc.jsonl` (or a local JSONL with `question`,
+- `multiple_choice(mc_path=None)`: `taskdefs/mc.jsonl` (or a local JSONL with `question`,
   `choices`, `answer`) as `{"test": Dataset}`.
 
 `SOURCES[task]` records where the data came from (`embedded:wikitext`, `file:<path>`,
@@ -35,10 +38,10 @@ def _dataset(rows: list[dict[str, Any]]):
     return DatasetDict({"test": Dataset.from_list(rows)})
 
 
-def wikitext(path: str | None = None, **_: Any):
-    """Documents as `{"test": Dataset(page=...)}` (the embedded stand-in unless `path`)."""
-    if path:
-        p = Path(path).expanduser()
+def wikitext(wikitext_path: str | None = None, **_: Any):
+    """Documents as `{"test": Dataset(page=...)}` (the embedded stand-in unless a path)."""
+    if wikitext_path:
+        p = Path(wikitext_path).expanduser()
         if p.suffix == ".txt" and p.exists():
             pages = [p.read_text(encoding="utf-8")]
         else:
@@ -68,12 +71,12 @@ def wikitext_results(doc: dict[str, str], results: list[float]) -> dict[str, tup
     return process_results(doc, results)
 
 
-def multiple_choice(path: str | None = None, **_: Any):
+def multiple_choice(mc_path: str | None = None, **_: Any):
     """The shipped multiple-choice questions (or a local JSONL of the same fields)."""
-    p = Path(path).expanduser() if path else TASKDEFS / "mc.jsonl"
+    p = Path(mc_path).expanduser() if mc_path else TASKDEFS / "mc.jsonl"
     rows = _jsonl(p)
     for i, r in enumerate(rows, 1):
         if not {"question", "choices", "answer"} <= set(r):
             raise LessctlError(f"{p}: row {i} lacks question, choices or answer")
-    SOURCES["lessctl_mc"] = f"file:{p}" if path else "package:lessctl/lm_eval/taskdefs/mc.jsonl"
+    SOURCES["lessctl_mc"] = f"file:{p}" if mc_path else "package:lessctl/lm_eval/taskdefs/mc.jsonl"
     return _dataset(rows)

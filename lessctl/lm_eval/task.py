@@ -2,7 +2,9 @@
 
 Each method is wrapped as a `LessctlLM` over the one loaded model and evaluated with lm-eval's
 `simple_evaluate` on `lm_eval.tasks`; lm-eval's results JSON is kept as
-`<run>/lm_eval/<method>.json` and its metrics (with lm-eval's standard errors) become tidy rows.
+`<run>/lm_eval/<method>.json` (per-example values in `<method>.examples.jsonl`) and its metrics
+become tidy rows with standard errors: lm-eval's, or, for the metrics it leaves without one
+(word/byte perplexity, bits per byte), a bootstrap over its per-example values (`stderr_by`).
 Tasks are lessctl's local ones (`taskdefs/`: `lessctl_wikitext`, `lessctl_mc`), lm-eval's own
 (`boolq`, `mutual`, `hellaswag`, ..., data from the hub) or YAMLs under `lm_eval.include_path`.
 """
@@ -16,15 +18,16 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
-from lessctl.atomic import write_json_atomic
+from lessctl.atomic import write_json_atomic, write_jsonl_atomic
 from lessctl.errors import LessctlError
 from lessctl.lm_eval.local_data import SOURCES, TASKDEFS
 from lessctl.methods import Method
 
 
-def task_manager(names: list[str], include_path: str | None = None):
+def task_manager(names: list[str], include_path: str | None = None, metadata: dict | None = None):
     """lm-eval's TaskManager over lessctl's `taskdefs/` and `include_path`, plus lm-eval's own
     task folder unless every name is found in those (indexing lm-eval's ~15k task YAMLs takes
     a minute on 2 cores)."""
@@ -36,10 +39,11 @@ def task_manager(names: list[str], include_path: str | None = None):
         if not p.is_dir():
             raise LessctlError(f"lm_eval.include_path={include_path!r} is not a folder")
         paths.append(str(p))
-    local = TaskManager(include_path=paths, include_defaults=False)
+    meta = dict(metadata or {})
+    local = TaskManager(include_path=paths, include_defaults=False, metadata=meta)
     if set(names) <= set(local.all_tasks):
         return local
-    return TaskManager(include_path=paths)
+    return TaskManager(include_path=paths, metadata=meta)
 
 
 def load_tasks(names: list[str], manager) -> None:
@@ -69,7 +73,46 @@ def _number(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
 
 
-def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+def fill_stderr(results: dict[str, Any], iters: int, seed: int) -> set[tuple[str, str]]:
+    """Bootstrap standard errors (over documents/examples, `iters` resamples) for the metrics
+    lm-eval leaves without one (its word/byte perplexity and bits per byte), from its own
+    per-example values and aggregation functions; returns the filled (task, metric key)s."""
+    from lm_eval.api.registry import get_metric_aggregation
+
+    rng = np.random.default_rng(seed)
+    filled = set()
+    for task, samples in (results.get("samples") or {}).items():
+        metrics = results["results"][task]
+        for key in list(metrics):
+            name, _, filt = key.partition(",")
+            err_key = f"{name}_stderr,{filt}"
+            if name.endswith("_stderr") or _number(metrics.get(err_key)) is not None:
+                continue
+            items = [s[name] for s in samples if name in s and s.get("filter") == filt]
+            agg = get_metric_aggregation(name)
+            if agg is None or len(items) < 2 or iters < 2:
+                continue
+            draws = rng.integers(0, len(items), size=(iters, len(items)))
+            reps = [agg([items[i] for i in row]) for row in draws]
+            metrics[err_key] = float(np.std(reps, ddof=1))
+            filled.add((task, err_key))
+    return filled
+
+
+def per_example(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """lm-eval's per-example metric values (no document text), one row each."""
+    rows = []
+    for task, samples in (results.get("samples") or {}).items():
+        for s in samples:
+            vals = {m: s[m] for m in s.get("metrics", []) if m in s}
+            key = {"lm_eval_task": task, "doc_id": s["doc_id"], "filter": s["filter"]}
+            rows.append({**key, **vals})
+    return rows
+
+
+def result_rows(
+    results: dict[str, Any], bootstrapped: set[tuple[str, str]] = frozenset()
+) -> list[dict[str, Any]]:
     """lm-eval's `results` section -> rows of (lm_eval_task, metric, value, stderr, n)."""
     rows = []
     for task, metrics in results["results"].items():
@@ -91,6 +134,13 @@ def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "metric": name if filt in ("", "none") else f"{name}[{filt}]",
                     "value": float(value),
                     "stderr": stderr if stderr is None or math.isfinite(stderr) else None,
+                    "stderr_by": (
+                        None
+                        if stderr is None
+                        else "lessctl bootstrap over examples"
+                        if (task, f"{name}_stderr,{filt}") in bootstrapped
+                        else "lm-eval"
+                    ),
                     "n": n,
                     "num_fewshot": results.get("n-shot", {}).get(task),
                 }
@@ -111,7 +161,10 @@ def run(
     names = list(le.tasks)
     if not names:
         raise LessctlError("lm_eval.tasks is empty; e.g. lm_eval.tasks=[lessctl_wikitext]")
-    manager = task_manager(names, le.get("include_path"))
+    meta = le.get("metadata")
+    manager = task_manager(
+        names, le.get("include_path"), OmegaConf.to_container(meta) if meta else None
+    )
     load_tasks(names, manager)
     window = int(cfg.eval.window or model.config.max_position_embeddings)
     out_dir = Path(run_dir) / "lm_eval"
@@ -133,12 +186,18 @@ def run(
             num_fewshot=le.get("num_fewshot"),
             limit=le.get("limit"),
             bootstrap_iters=int(le.bootstrap_iters),
-            log_samples=False,
+            log_samples=True,
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
             fewshot_random_seed=seed,
         )
+        bootstrapped = fill_stderr(res, int(le.bootstrap_iters), seed)
+        write_jsonl_atomic(
+            out_dir / f"{m.name}.examples.jsonl",
+            json.loads(json.dumps(per_example(res), default=handle_non_serializable)),
+        )
+        res.pop("samples", None)
         write_json_atomic(
             out_dir / f"{m.name}.json", json.loads(json.dumps(res, default=handle_non_serializable))
         )
@@ -153,7 +212,7 @@ def run(
             "limit": le.get("limit"),
             "v_lm_eval": version("lm_eval"),
         }
-        for r in result_rows(res):
+        for r in result_rows(res, bootstrapped):
             rows.append({**base, "dataset": r["lm_eval_task"], **r})
             err = f" ± {r['stderr']:.4f}" if r["stderr"] is not None else ""
             log(
