@@ -246,3 +246,20 @@ def test_wikitext_task_is_lm_evals_word_perplexity_with_bootstrap_stderr(tiny_mo
     assert rows["word_perplexity"]["stderr_by"] == "lessctl bootstrap over examples"
     assert rows["word_perplexity"]["source"] == f"file:{path}"
     assert rows["word_perplexity"]["n"] == len(docs)
+
+
+def test_task_with_unreachable_data_is_one_line(tmp_path):
+    from lessctl.lm_eval.task import load_tasks, task_manager
+
+    (tmp_path / "fake.yaml").write_text(
+        "task: fake_hub_task\ndataset_path: nobody/no_such_dataset\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{q}}'\n"
+        "doc_to_choice: '{{c}}'\ndoc_to_target: '{{a}}'\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    manager = task_manager(["fake_hub_task"], str(tmp_path))
+    with pytest.raises(LessctlError) as err:
+        load_tasks(["fake_hub_task"], manager)
+    msg = str(err.value)
+    assert "'fake_hub_task': its data cannot be loaded" in msg and "include_path" in msg
+    assert "\n" not in msg

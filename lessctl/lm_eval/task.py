@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,27 @@ def task_manager(names: list[str], include_path: str | None = None, metadata: di
     return TaskManager(include_path=paths, metadata=meta)
 
 
+@contextmanager
+def offline_unless_reachable() -> Iterator[None]:
+    """Put datasets and huggingface_hub in offline mode inside the block when the hub does not
+    answer (a copy in the local HF cache still loads; a missing one fails at once instead of
+    after minutes of retries)."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    from lessctl.models import hub_reachable
+
+    if hub_reachable():
+        yield
+        return
+    old = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = old
+
+
 def load_tasks(names: list[str], manager) -> None:
     """Refuse unknown task names and tasks whose data cannot be loaded, one line each."""
     known = set(manager.all_tasks)
@@ -56,7 +79,8 @@ def load_tasks(names: list[str], manager) -> None:
                 f"tasks`, or put its YAML in a folder and pass lm_eval.include_path=DIR"
             )
         try:
-            manager.load([name])
+            with offline_unless_reachable():
+                manager.load([name])
         except LessctlError:
             raise
         except Exception as err:  # datasets raises many kinds (connection, offline, missing)
