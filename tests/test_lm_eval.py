@@ -246,6 +246,7 @@ def test_wikitext_task_is_lm_evals_word_perplexity_with_bootstrap_stderr(tiny_mo
     assert rows["word_perplexity"]["stderr_by"] == "lessctl bootstrap over examples"
     assert rows["word_perplexity"]["source"] == f"file:{path}"
     assert rows["word_perplexity"]["n"] == len(docs)
+    assert "sample_len" not in rows
 
 
 def test_task_with_unreachable_data_is_one_line(tmp_path):

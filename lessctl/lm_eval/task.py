@@ -147,9 +147,9 @@ def result_rows(
         )
         n = results.get("n-samples", {}).get(task, {}).get("effective")
         for key, value in metrics.items():
-            name, _, filt = key.partition(",")
-            if name.endswith("_stderr") or _number(value) is None:
-                continue
+            name, comma, filt = key.partition(",")
+            if not comma or name.endswith("_stderr") or _number(value) is None:
+                continue  # metrics are "name,filter"; `sample_len` etc. are not
             stderr = _number(metrics.get(f"{name}_stderr,{filt}"))
             rows.append(
                 {
