@@ -116,6 +116,38 @@ def method_table(df: pd.DataFrame, metric: str, lower_is_better: bool) -> pd.Dat
     return t
 
 
+def lm_eval_section(latest: pd.DataFrame) -> list[str]:
+    """Markdown for `task=lm_eval` rows: per (model, lm-eval task, source, metric, window,
+    policy, run) a column per method with `value ± lm-eval's standard error`; the budget is the
+    Baseline's (Baseline+ keeps more tokens)."""
+    d = latest[latest.get("task") == "lm_eval"] if "task" in latest else latest[:0]
+    if d.empty:
+        return []
+
+    def cell(r) -> str:
+        err = r.get("stderr")
+        return f"{r['value']:.4g}" + (f" ± {err:.2g}" if err is not None and err == err else "")
+
+    d = d.assign(cell=d.apply(cell, axis=1))
+    ctx = ["model", "lm_eval_task", "source", "metric", "window", "policy", "_run"]
+    out = []
+    for key, g in d.groupby(ctx, sort=True):
+        row = dict(zip(ctx[:-1], key[:-1], strict=True))
+        base = g[g.method == "baseline"]["budget"]
+        row["budget"] = (base if len(base) else g[g.method != "full"]["budget"]).min()
+        for m in ORDER:
+            v = g[g.method == m]["cell"]
+            row[LABEL[m]] = v.iloc[-1] if len(v) else "–"
+        out.append(row)
+    t = pd.DataFrame(out).drop_duplicates(ctx[:-1], keep="last")
+    return [
+        "## lm-evaluation-harness tasks (value ± lm-eval's standard error)",
+        "",
+        _md(t),
+        "",
+    ]
+
+
 def _figure(path: Path, draw) -> None:
     import matplotlib
 
@@ -334,6 +366,7 @@ def run(results_dir: str | Path = "results") -> Path:
         t = method_table(summ, metric, lower_is_better=False)
         if not t.empty:
             out += [f"## Summarisation {metric.upper()} F-measure", "", _md(t), ""]
+    out += lm_eval_section(latest)
     train = latest[latest.get("stage") == "train"] if "stage" in latest else latest[:0]
     if not train.empty:
         piv = train.pivot_table(

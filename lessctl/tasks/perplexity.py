@@ -62,7 +62,7 @@ def run(
     """Perplexity rows: per method `ppl_token` and `ppl_word` (with tokens and words).
 
     `nll(model, windows, method) -> (Σ NLL, tokens)`: the parallel form by default;
-    lessctl.streaming passes its token-by-token cache version (task `perplexity_streaming`).
+    lessctl.tasks.streaming passes its token-by-token cache version (task `perplexity_streaming`).
     """
     e = cfg.eval
     window = int(e.window or model.config.max_position_embeddings)

@@ -2,7 +2,7 @@
 
 As StreamingLLM measures it: every token of a window is a decode row of an
 :class:`~lessctl.cache.EvictingCache` with eviction from the first token (streaming protocol),
-and predicts the next one. Windows, counts and rows mirror :func:`lessctl.perplexity.run`
+and predicts the next one. Windows, counts and rows mirror :func:`lessctl.tasks.perplexity.run`
 (``task`` is ``perplexity_streaming``). A forward carries a whole window (each layer still runs its
 rows one at a time, which gives exactly the logits of one-token forwards); ``full`` uses the
 library ``DynamicCache``.
@@ -40,7 +40,7 @@ def run(
     cfg: DictConfig, model, tokenizer, methods: list[Method], log=print
 ) -> list[dict[str, Any]]:
     """Streaming perplexity rows (task `perplexity_streaming`), same columns as
-    :func:`lessctl.perplexity.run`."""
+    :func:`lessctl.tasks.perplexity.run`."""
     return perplexity_run(
         cfg, model, tokenizer, methods, log, nll=stream_nll, task="perplexity_streaming"
     )
