@@ -4,7 +4,7 @@
 
 - `_model_call` (log-likelihood and rolling log-likelihood requests): the teacher-forced forward
   pass runs with the method's `ParallelAttention` (the policy's evictions and the LESS state, the
-  paper's protocol), exactly as `lessctl.tasks.perplexity.method_nll` applies a method; `full` is the
+  paper's protocol), as `lessctl.tasks.perplexity.method_nll` applies a method; `full` is the
   unmodified model;
 - `_model_generate` (generation requests): `lessctl.decoding.generate` through the
   real-eviction cache in the prompt protocol (the prompt with full attention, eviction as tokens
