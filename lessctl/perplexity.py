@@ -4,6 +4,10 @@ The text is cut into windows of `eval.window` tokens; every row of every window 
 the policy keeps (plus the LESS state), through a registered attention function on the
 unmodified model. Token-level perplexity = exp(Σ NLL / predicted tokens); word-level
 perplexity = exp(Σ NLL / words), words counted by whitespace in the decoded windows.
+
+Rows keep the per-window values for the report's bootstrap intervals (lessctl.stats):
+`window_nll` (Σ NLL of each window) and `window_count` (its predicted tokens for `ppl_token`,
+its words for `ppl_word`); the windows are the same, in the same order, for every method.
 """
 
 from __future__ import annotations
@@ -69,13 +73,17 @@ def run(
     windows = token_windows(
         corpus.items, tokenizer, window, window * int(e.windows) if e.windows else None
     )
-    words = count_words(tokenizer, windows)
+    window_words = [count_words(tokenizer, w[None]) for w in windows]
+    words = sum(window_words)
     if words == 0:
         raise LessctlError(f"data={cfg.data.name}: the evaluated windows decode to no words")
     rows = []
     for m in methods:
         t0 = time.perf_counter()
-        total, n = nll(model, windows, m)
+        per_window = [nll(model, w[None], m) for w in windows]
+        window_nll = [t for t, _ in per_window]
+        window_tokens = [c for _, c in per_window]
+        total, n = sum(window_nll), sum(window_tokens)
         base = {
             "task": task,
             "model": cfg.model.name,
@@ -92,8 +100,20 @@ def run(
         }
         ppl_t, ppl_w = math.exp(total / n), math.exp(total / words)
         rows += [
-            {**base, "metric": "ppl_token", "value": ppl_t},
-            {**base, "metric": "ppl_word", "value": ppl_w},
+            {
+                **base,
+                "metric": "ppl_token",
+                "value": ppl_t,
+                "window_nll": window_nll,
+                "window_count": window_tokens,
+            },
+            {
+                **base,
+                "metric": "ppl_word",
+                "value": ppl_w,
+                "window_nll": window_nll,
+                "window_count": window_words,
+            },
         ]
         log(
             f"{cfg.data.name:10s} {m.name:14s} budget={m.policy.budget}  {task}  ppl(token) "

@@ -9,7 +9,9 @@ fetches a script from the hub and fails offline). Predictions are saved per exam
 
 One policy serves every prompt: a fractional `policy.budget.of=sequence` is a fraction of
 `eval.max_prompt_tokens + eval.max_new_tokens` (the longest sequence allowed), recorded in the
-rows as `max_prompt_tokens`.
+rows as `max_prompt_tokens`. Each ROUGE row keeps its per-example F-measures
+(`example_values`, by `example_ids`, the test split's indices) for the report's bootstrap
+intervals; every method sees the same examples, so methods pair by id.
 """
 
 from __future__ import annotations
@@ -158,7 +160,17 @@ def run(
             "predictions": str(path),
         }
         means = {k: sum(s[k] for s in scores) / len(scores) for k in ROUGE}
-        rows += [{**base, "metric": k, "value": v} for k, v in means.items()]
+        ids = [x["id"] for x in examples]
+        rows += [
+            {
+                **base,
+                "metric": k,
+                "value": v,
+                "example_ids": ids,
+                "example_values": [s[k] for s in scores],
+            }
+            for k, v in means.items()
+        ]
         log(
             f"{cfg.data.name:8s} {m.name:14s} budget={budget}  "
             + "  ".join(f"{k} {v:.4f}" for k, v in means.items())

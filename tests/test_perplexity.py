@@ -77,6 +77,12 @@ def test_eval_cli_perplexity_rows(tmp_path, monkeypatch):
     assert (
         by[("baseline_plus", "ppl_token")]["budget"] == by[("baseline", "ppl_token")]["budget"] + 4
     )
+    # per-window values (the report's bootstrap units) add up to the aggregate figure
+    for r in rows:
+        assert len(r["window_nll"]) == len(r["window_count"]) == r["windows"] >= 2
+        assert math.exp(sum(r["window_nll"]) / sum(r["window_count"])) == pytest.approx(r["value"])
+        assert sum(r["window_count"]) == (r["tokens"] if r["metric"] == "ppl_token" else r["words"])
+    assert by[("full", "ppl_token")]["window_nll"] != by[("baseline", "ppl_token")]["window_nll"]
 
 
 def test_bad_method_and_missing_checkpoint(compose, tiny_model, tmp_path):
