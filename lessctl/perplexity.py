@@ -27,25 +27,37 @@ from lessctl.hooks import use_attention
 from lessctl.methods import Method, ParallelAttention
 
 
-def window_nll(model, windows: torch.Tensor) -> tuple[float, int]:
-    """Σ NLL (nats) and the number of predicted tokens over `[N, W]` windows, one at a time."""
-    total, count = 0.0, 0
+def window_nll(model, windows: torch.Tensor, batch_size: int = 1) -> tuple[list[float], list[int]]:
+    """Per window: Σ NLL (nats) and predicted tokens, over `[N, W]` windows, `batch_size`
+    windows per forward (equal lengths, no padding: a batch gives each window's own values)."""
+    nll, count = [], []
     with torch.no_grad():
-        for w in windows:
-            x = w[None].to(model.device)
+        for a in range(0, len(windows), batch_size):
+            x = windows[a : a + batch_size].to(model.device)
             logits = model(x, use_cache=False).logits.float()
-            nll = F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
-            total += nll.item()
-            count += x.shape[1] - 1
-    return total, count
+            per_token = F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none"
+            )  # [b, W-1]
+            nll += per_token.sum(1).tolist()
+            count += [x.shape[1] - 1] * len(x)
+    return nll, count
+
+
+def method_window_nll(
+    model, windows: torch.Tensor, method: Method, batch_size: int = 1
+) -> tuple[list[float], list[int]]:
+    """Per-window Σ NLL and token counts with `method` applied to every layer (full: the model
+    as is)."""
+    if method.name == "full":
+        return window_nll(model, windows, batch_size)
+    with use_attention(model, ParallelAttention(method.policy, method.kernels)):
+        return window_nll(model, windows, batch_size)
 
 
 def method_nll(model, windows: torch.Tensor, method: Method) -> tuple[float, int]:
-    """Σ NLL and token count with `method` applied to every layer (full: the model as is)."""
-    if method.name == "full":
-        return window_nll(model, windows)
-    with use_attention(model, ParallelAttention(method.policy, method.kernels)):
-        return window_nll(model, windows)
+    """Σ NLL and token count over all windows with `method` applied to every layer."""
+    nll, count = method_window_nll(model, windows, method)
+    return sum(nll), sum(count)
 
 
 def count_words(tokenizer, windows: torch.Tensor) -> int:
@@ -59,13 +71,14 @@ def run(
     methods: list[Method],
     log=print,
     *,
-    nll: Callable[[Any, torch.Tensor, Method], tuple[float, int]] = method_nll,
+    nll: Callable[..., tuple[list[float], list[int]]] = method_window_nll,
     task: str = "perplexity",
 ) -> list[dict[str, Any]]:
     """Perplexity rows: per method `ppl_token` and `ppl_word` (with tokens and words).
 
-    `nll(model, windows, method) -> (Σ NLL, tokens)`: the parallel form by default;
-    lessctl.streaming passes its token-by-token cache version (task `perplexity_streaming`).
+    `nll(model, windows, method, batch_size) -> (Σ NLL per window, tokens per window)`: the
+    parallel form by default, `eval.batch_size` windows per forward; lessctl.streaming passes
+    its token-by-token cache version (task `perplexity_streaming`).
     """
     e = cfg.eval
     window = int(e.window or model.config.max_position_embeddings)
@@ -73,6 +86,9 @@ def run(
     windows = token_windows(
         corpus.items, tokenizer, window, window * int(e.windows) if e.windows else None
     )
+    batch_size = int(e.get("batch_size") or 1)
+    if batch_size < 1:
+        raise LessctlError(f"eval.batch_size={batch_size}; allowed: an int >= 1")
     window_words = [count_words(tokenizer, w[None]) for w in windows]
     words = sum(window_words)
     if words == 0:
@@ -80,9 +96,7 @@ def run(
     rows = []
     for m in methods:
         t0 = time.perf_counter()
-        per_window = [nll(model, w[None], m) for w in windows]
-        window_nll = [t for t, _ in per_window]
-        window_tokens = [c for _, c in per_window]
+        window_nll, window_tokens = nll(model, windows, m, batch_size)
         total, n = sum(window_nll), sum(window_tokens)
         base = {
             "task": task,
