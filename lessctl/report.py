@@ -3,8 +3,10 @@
 Reads every `results/runs/*/*/rows.jsonl`; when a (model, dataset, source, method, policy,
 budget, metric, ...) key was measured in several runs, the newest run wins. Per task a table
 Full / Baseline / Baseline+ / LESS / Performer with the share of the Baseline+→Full gap that
-LESS closes; figures under `results/figures/`. No timestamps are written, so re-running on the
-same runs gives the same file.
+LESS closes; figures under `results/figures/`. Where rows keep their per-window or per-example
+values, every figure carries a 95% seeded bootstrap interval and LESS − Baseline+ / LESS −
+Baseline are paired differences with a word (better / worse / not significant), see
+lessctl.stats. No timestamps are written, so re-running on the same runs gives the same file.
 """
 
 from __future__ import annotations
