@@ -49,6 +49,7 @@ def main() -> None:
             t0 = time.perf_counter()
             vals[bs] = method_window_nll(model, windows, m, batch_size=bs)[0]
             secs[bs] = time.perf_counter() - t0
+            print(f"{args.policy} {m.name} batch {bs}: {secs[bs] / len(windows):.2f} s/window")
         same = max(abs(a - b) / abs(a) for a, b in zip(vals[1], vals[args.batch], strict=True))
         print(
             f"{args.policy} {m.name}: {secs[1] / len(windows):.2f} s/window at batch 1, "
