@@ -3,8 +3,10 @@
 Reads every `results/runs/*/*/rows.jsonl`; when a (model, dataset, source, method, policy,
 budget, metric, ...) key was measured in several runs, the newest run wins. Per task a table
 Full / Baseline / Baseline+ / LESS / Performer with the share of the Baseline+→Full gap that
-LESS closes; figures under `results/figures/`. No timestamps are written, so re-running on the
-same runs gives the same file.
+LESS closes; figures under `results/figures/`. Where rows keep their per-window or per-example
+values, every figure carries a 95% seeded bootstrap interval and LESS − Baseline+ / LESS −
+Baseline are paired differences with a word (better / worse / not significant), see
+lessctl.stats. No timestamps are written, so re-running on the same runs gives the same file.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from lessctl import stats
 from lessctl.report_longctx import sections as longctx_sections
 from lessctl.runs import list_runs
+from lessctl.stats import Samples
 
 ORDER = ["full", "baseline", "baseline_plus", "less", "performer"]
 LABEL = {
@@ -77,7 +82,7 @@ def _fmt(x: Any, col: str = "", digits: int = 3) -> str:
 
 
 def _md(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
+    cols = [c for c in df.columns if not c.startswith("_")]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         lines.append("| " + " | ".join(_fmt(r[c], c) for c in cols) + " |")
@@ -91,6 +96,11 @@ def method_table(df: pd.DataFrame, metric: str, lower_is_better: bool) -> pd.Dat
     d = d.assign(window=d["window"].fillna(-1) if "window" in d else -1)
     ctx = ["model", "dataset", "source", "window"]
     full = d[d.method == "full"].groupby(ctx)["value"].last()
+    full_samples = (
+        d[d.method == "full"]
+        .groupby(ctx)
+        .apply(lambda g: _samples(g.iloc[-1]), include_groups=False)
+    )
     rest = d[d.method != "full"]
     # baseline_plus/less/performer rows are keyed by the policy's (baseline) budget
     base_budget = rest[rest.method == "baseline"].groupby([*ctx, "policy", "_run"])["budget"].last()
@@ -100,9 +110,12 @@ def method_table(df: pd.DataFrame, metric: str, lower_is_better: bool) -> pd.Dat
         row = dict(zip([*ctx, "policy"], key[:5], strict=True))
         row["budget"] = int(budget) if budget == budget else None
         row["Full"] = full.get(key[:4], float("nan"))
+        samples = {"Full": full_samples.get(key[:4])}
         for m in ORDER[1:]:
-            v = g[g.method == m]["value"]
-            row[LABEL[m]] = v.iloc[-1] if len(v) else float("nan")
+            v = g[g.method == m]
+            row[LABEL[m]] = v["value"].iloc[-1] if len(v) else float("nan")
+            samples[LABEL[m]] = _samples(v.iloc[-1]) if len(v) else None
+        row["_samples"] = samples
         f, p, le = row["Full"], row["Baseline+"], row["LESS"]
         row["gap closed"] = gap_closed(f, p, le) if lower_is_better else gap_closed(-f, -p, -le)
         out.append(row)
@@ -146,6 +159,66 @@ def lm_eval_section(latest: pd.DataFrame) -> list[str]:
         _md(t),
         "",
     ]
+
+
+def _samples(r: pd.Series) -> Samples | None:
+    """A row's bootstrap units: perplexity windows (Σ NLL, count) or per-example ROUGE."""
+    nll, count = r.get("window_nll"), r.get("window_count")
+    if isinstance(nll, list) and isinstance(count, list) and nll:
+        return Samples(np.array(nll), np.array(count), exp=True)
+    vals, ids = r.get("example_values"), r.get("example_ids")
+    if isinstance(vals, list) and isinstance(ids, list) and vals:
+        return Samples(np.array(vals), np.ones(len(vals)), ids=tuple(ids))
+    return None
+
+
+def _ci(e: stats.Estimate, digits: int) -> str:
+    if math.isnan(e.low):
+        return f"{e.value:.{digits}f}"
+    return f"{e.value:.{digits}f} [{e.low:.{digits}f}, {e.high:.{digits}f}]"
+
+
+def interval_table(t: pd.DataFrame, lower_is_better: bool, digits: int) -> pd.DataFrame:
+    """`method_table` for display: each method's figure with its 95% bootstrap interval, gap
+    closed with its interval, and the paired differences LESS − Baseline+ and LESS − Baseline
+    with their intervals and a word (better / worse / not significant). Rows without per-unit
+    values show the bare figures and no comparison."""
+    out = []
+    for _, r in t.iterrows():
+        smp = r.get("_samples") or {}
+        row = {c: r[c] for c in t.columns if not c.startswith("_") and c not in LABEL.values()}
+        row.pop("gap closed", None)
+        for lab in LABEL.values():
+            s = smp.get(lab)
+            row[lab] = _ci(stats.figure(s), digits) if s is not None else _fmt(r[lab])
+        full, plus, less = smp.get("Full"), smp.get("Baseline+"), smp.get("LESS")
+        if full is not None and plus is not None and less is not None:
+            f, p = full.figure(), plus.figure()
+            has_gap = p > f if lower_is_better else p < f
+            row["gap closed"] = _ci(stats.gap_closed(full, plus, less), 2) if has_gap else "no gap"
+        else:
+            row["gap closed"] = _fmt(r["gap closed"], "", 3)
+        for other in ("Baseline+", "Baseline"):
+            o = smp.get(other)
+            if less is None or o is None:
+                row[f"LESS − {other}"] = "–"
+                continue
+            d = stats.difference(less, o)
+            row[f"LESS − {other}"] = f"{_ci(d, digits)} {stats.verdict(d, lower_is_better)}"
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+STATS_NOTE = (
+    "Figures are followed by their 95% interval, a seeded percentile bootstrap "
+    "(scipy.stats.bootstrap) over the evaluated units: perplexity windows, resampled whole "
+    "(a window's Σ NLL with its token or word count, since perplexity is a ratio), or "
+    "summarisation examples. Comparisons are paired: every resample draws the same windows or "
+    "examples for all methods, so the spread the methods share cancels. *LESS − X* is the "
+    "difference of the figures (perplexity: lower is better; ROUGE: higher is better); when its "
+    "interval contains 0 it reads *not significant*, otherwise *better* or *worse*. *Gap closed* "
+    "is the share of the Baseline+ → Full gap that LESS closes, with its interval."
+)
 
 
 def _figure(path: Path, draw) -> None:
@@ -349,6 +422,7 @@ def run(results_dir: str | Path = "results") -> Path:
         "mode",
     ]
     latest = _latest(df, keys)
+    out += [STATS_NOTE, ""]
     for task, how in (
         ("perplexity", "teacher-forced, parallel form"),
         ("perplexity_streaming", "token by token through the evicting cache"),
@@ -358,14 +432,16 @@ def run(results_dir: str | Path = "results") -> Path:
             t = method_table(ppl, metric, lower_is_better=True)
             if t.empty:
                 continue
-            out += [f"## Perplexity ({title}, {how})", "", _md(t), ""]
+            shown = interval_table(t, lower_is_better=True, digits=2)
+            out += [f"## Perplexity ({title}, {how})", "", _md(shown), ""]
             figs = _ppl_figures(t, fig_dir, f"{task}-{metric}")
             out += [f"![{f}](figures/{f})" for f in figs] + [""]
     summ = latest[latest.get("task") == "summarization"] if "task" in latest else latest[:0]
     for metric in ("rouge1", "rouge2", "rougeL"):
         t = method_table(summ, metric, lower_is_better=False)
         if not t.empty:
-            out += [f"## Summarisation {metric.upper()} F-measure", "", _md(t), ""]
+            shown = interval_table(t, lower_is_better=False, digits=3)
+            out += [f"## Summarisation {metric.upper()} F-measure", "", _md(shown), ""]
     out += lm_eval_section(latest)
     train = latest[latest.get("stage") == "train"] if "stage" in latest else latest[:0]
     if not train.empty:

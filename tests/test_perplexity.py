@@ -6,7 +6,7 @@ import torch
 from lessctl.hooks import use_attention
 from lessctl.methods import Method, ParallelAttention
 from lessctl.policies import get_policy
-from lessctl.tasks.perplexity import method_nll
+from lessctl.tasks.perplexity import method_nll, method_window_nll
 
 
 @pytest.fixture
@@ -21,6 +21,26 @@ def test_full_matches_loss_reference(tiny_model, windows):
     ref = sum(model(w[None], labels=w[None]).loss.item() * (w.numel() - 1) for w in windows)
     assert n == 3 * 47
     assert nll == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        get_policy("full"),
+        get_policy("h2o", heavy=6, recent=6),
+        get_policy("lambda", sink=2, recent=6),
+    ],
+)
+def test_batched_windows_give_each_windows_own_values(tiny_model, windows, policy):
+    """A batch of windows per forward (eval.batch_size) gives the per-window values of one
+    window at a time: no window leaks into another's eviction or loss."""
+    model, _ = tiny_model
+    m = Method("full" if policy.budget is None else "baseline", policy)
+    one = method_window_nll(model, windows, m, batch_size=1)
+    two = method_window_nll(model, windows, m, batch_size=2)
+    assert one[1] == two[1] == [47, 47, 47]
+    assert two[0] == pytest.approx(one[0], rel=1e-5)
+    assert len(set(one[0])) == 3  # the windows differ
 
 
 def test_registered_attention_is_causal_and_equals_eager(tiny_model, windows):
@@ -77,6 +97,12 @@ def test_eval_cli_perplexity_rows(tmp_path, monkeypatch):
     assert (
         by[("baseline_plus", "ppl_token")]["budget"] == by[("baseline", "ppl_token")]["budget"] + 4
     )
+    # per-window values (the report's bootstrap units) add up to the aggregate figure
+    for r in rows:
+        assert len(r["window_nll"]) == len(r["window_count"]) == r["windows"] >= 2
+        assert math.exp(sum(r["window_nll"]) / sum(r["window_count"])) == pytest.approx(r["value"])
+        assert sum(r["window_count"]) == (r["tokens"] if r["metric"] == "ppl_token" else r["words"])
+    assert by[("full", "ppl_token")]["window_nll"] != by[("baseline", "ppl_token")]["window_nll"]
 
 
 def test_bad_method_and_missing_checkpoint(compose, tiny_model, tmp_path):

@@ -81,3 +81,69 @@ def test_streaming_rows_do_not_hide_parallel_ones_and_windows_stay_apart(compose
     assert "parallel form" in text and "evicting cache" in text
     assert "| 512 | h2o | 32 | 10.000 |" in text  # Full of its own window
     assert "| 1024 | h2o | 32 | 9.000 |" in text
+
+
+def test_report_gives_intervals_paired_differences_and_words(compose, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    hard = rng.normal(1500.0, 300.0, 32)  # windows differ a lot in difficulty
+    nll = {
+        "full": hard,
+        "baseline": hard + 200,
+        "baseline_plus": hard + 100,
+        "less": hard + 50 + rng.normal(0, 5, 32),
+        "performer": hard + 100 + rng.normal(0, 40, 32),  # = Baseline+ up to noise
+    }
+    rows = _rows(32, [0.0] * 5)
+    for r in rows:
+        r["window_nll"] = list(nll[r["method"]])
+        r["window_count"] = [511] * 32
+        r["value"] = math.exp(sum(r["window_nll"]) / sum(r["window_count"]))
+    cfg = compose(f"results_dir={tmp_path}")
+    run = start_run(cfg, "eval", [])
+    run.add_rows(rows)
+    # summarisation: Full measured once (policy lambda run), shared by the h2o run
+    ids = list(range(100, 140))
+    base = rng.uniform(0.1, 0.3, 40)
+    rouge = {
+        "full": base + 0.02,
+        "baseline": base,
+        "baseline_plus": base,
+        "less": base + rng.normal(0, 0.03, 40),
+    }
+    summ = {"task": "summarization", "model": "m", "dataset": "xsum", "source": "s"}
+    run.add_rows(
+        [
+            {
+                **summ,
+                "method": m,
+                "policy": "h2o",
+                "budget": None if m == "full" else 64,
+                "metric": "rouge1",
+                "value": float(np.mean(v)),
+                "example_ids": ids,
+                "example_values": list(v),
+            }
+            for m, v in rouge.items()
+        ]
+    )
+    run.finish()
+    text = write_report(tmp_path).read_text()
+    assert "paired" in text and "not significant" in text
+    ppl_line = next(x for x in text.splitlines() if x.startswith("| m | wikitext2"))
+    cells = [c.strip() for c in ppl_line.strip("|").split("|")]
+    header = next(
+        x for x in text.splitlines() if x.startswith("| model") and "LESS − Baseline+" in x
+    )
+    col = dict(zip([c.strip() for c in header.strip("|").split("|")], cells, strict=True))
+    lo, hi = (float(x) for x in col["Full"].split("[")[1].rstrip("]").split(","))
+    assert lo < math.exp(hard.sum() / (511 * 32)) < hi
+    assert col["LESS − Baseline+"].endswith("better")  # paired: significant
+    assert col["LESS − Baseline"].endswith("better")
+    gap = col["gap closed"]
+    g, (glo, ghi) = float(gap.split()[0]), (float(x) for x in gap.split("[")[1][:-1].split(","))
+    assert 0.4 < glo < g < ghi < 0.6
+    summ_line = next(x for x in text.splitlines() if x.startswith("| m | xsum"))
+    assert "not significant" in summ_line  # LESS = Baseline+ up to noise
+    assert write_report(tmp_path).read_text() == text  # seeded

@@ -31,8 +31,9 @@ def test_streaming_rows_mirror_parallel_and_match_it(cfg, tiny_model):
         assert list(p) == list(s)  # same columns, same order
         assert s["task"] == "perplexity_streaming"
         for k in p:
-            if k not in ("task", "value"):
+            if k not in ("task", "value", "window_nll"):
                 assert p[k] == s[k], k
+        assert s["window_nll"] == pytest.approx(p["window_nll"], rel=1e-4)  # per window too
         # eviction from the first token of each window is the parallel form, row by row
         assert s["value"] == pytest.approx(p["value"], rel=1e-4)
     assert stream[0]["tokens"] == 3 * 63 and stream[2]["budget"] == 16

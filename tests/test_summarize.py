@@ -35,7 +35,7 @@ def test_eval_summarization_end_to_end_on_tiny_model(tmp_path, monkeypatch):
     docs = [
         {
             "document": f"Story {i}: the council met and approved a new bridge over the river. "
-            "Work starts in spring and ends next year." * 2,
+            "Work starts in spring and ends next year." * (1 + i % 2),
             "summary": f"Bridge {i} approved.",
         }
         for i in range(4)
@@ -68,3 +68,29 @@ def test_eval_summarization_end_to_end_on_tiny_model(tmp_path, monkeypatch):
     preds = list((run.path / "predictions").glob("xsum-*.jsonl"))
     assert len(preds) == 4
     assert len(preds[0].read_text().splitlines()) == 3
+    for r in rows:  # per-example values (the report's bootstrap units) average to the row
+        assert len(r["example_values"]) == len(set(r["example_ids"])) == 3
+        assert sum(r["example_values"]) / 3 == pytest.approx(r["value"])
+    # a left-padded batch of 3 decodes the same predictions as batch size 1
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "experiment=smoke",
+            "task=xsum",
+            f"data.path={path}",
+            "eval.samples=3",
+            "eval.max_new_tokens=6",
+            "eval.max_prompt_tokens=500",
+            "policy.budget.size=48",
+            "eval.methods=[full,baseline]",
+            "eval.batch_size=3",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    batched = {(r["method"], r["metric"]): r for r in list_runs("results", "eval")[-1].rows()}
+    for r in rows:
+        if r["method"] in ("full", "baseline"):
+            b = batched[(r["method"], r["metric"])]
+            assert b["example_ids"] == r["example_ids"]
+            assert b["example_values"] == pytest.approx(r["example_values"])

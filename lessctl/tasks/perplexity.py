@@ -4,6 +4,10 @@ The text is cut into windows of `eval.window` tokens; every row of every window 
 the policy keeps (plus the LESS state), through a registered attention function on the
 unmodified model. Token-level perplexity = exp(Σ NLL / predicted tokens); word-level
 perplexity = exp(Σ NLL / words), words counted by whitespace in the decoded windows.
+
+Rows keep the per-window values for the report's bootstrap intervals (lessctl.stats):
+`window_nll` (Σ NLL of each window) and `window_count` (its predicted tokens for `ppl_token`,
+its words for `ppl_word`); the windows are the same, in the same order, for every method.
 """
 
 from __future__ import annotations
@@ -24,25 +28,37 @@ from lessctl.methods import Method, ParallelAttention
 from lessctl.tasks.base import register
 
 
-def window_nll(model, windows: torch.Tensor) -> tuple[float, int]:
-    """Σ NLL (nats) and the number of predicted tokens over `[N, W]` windows, one at a time."""
-    total, count = 0.0, 0
+def window_nll(model, windows: torch.Tensor, batch_size: int = 1) -> tuple[list[float], list[int]]:
+    """Per window: Σ NLL (nats) and predicted tokens, over `[N, W]` windows, `batch_size`
+    windows per forward (equal lengths, no padding: a batch gives each window's own values)."""
+    nll, count = [], []
     with torch.no_grad():
-        for w in windows:
-            x = w[None].to(model.device)
+        for a in range(0, len(windows), batch_size):
+            x = windows[a : a + batch_size].to(model.device)
             logits = model(x, use_cache=False).logits.float()
-            nll = F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
-            total += nll.item()
-            count += x.shape[1] - 1
-    return total, count
+            per_token = F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none"
+            )  # [b, W-1]
+            nll += per_token.sum(1).tolist()
+            count += [x.shape[1] - 1] * len(x)
+    return nll, count
+
+
+def method_window_nll(
+    model, windows: torch.Tensor, method: Method, batch_size: int = 1
+) -> tuple[list[float], list[int]]:
+    """Per-window Σ NLL and token counts with `method` applied to every layer (full: the model
+    as is)."""
+    if method.name == "full":
+        return window_nll(model, windows, batch_size)
+    with use_attention(model, ParallelAttention(method.policy, method.kernels)):
+        return window_nll(model, windows, batch_size)
 
 
 def method_nll(model, windows: torch.Tensor, method: Method) -> tuple[float, int]:
-    """Σ NLL and token count with `method` applied to every layer (full: the model as is)."""
-    if method.name == "full":
-        return window_nll(model, windows)
-    with use_attention(model, ParallelAttention(method.policy, method.kernels)):
-        return window_nll(model, windows)
+    """Σ NLL and token count over all windows with `method` applied to every layer."""
+    nll, count = method_window_nll(model, windows, method)
+    return sum(nll), sum(count)
 
 
 def count_words(tokenizer, windows: torch.Tensor) -> int:
@@ -56,13 +72,14 @@ def run(
     methods: list[Method],
     log=print,
     *,
-    nll: Callable[[Any, torch.Tensor, Method], tuple[float, int]] = method_nll,
+    nll: Callable[..., tuple[list[float], list[int]]] = method_window_nll,
     task: str = "perplexity",
 ) -> list[dict[str, Any]]:
     """Perplexity rows: per method `ppl_token` and `ppl_word` (with tokens and words).
 
-    `nll(model, windows, method) -> (Σ NLL, tokens)`: the parallel form by default;
-    lessctl.tasks.streaming passes its token-by-token cache version (task `perplexity_streaming`).
+    `nll(model, windows, method, batch_size) -> (Σ NLL per window, tokens per window)`: the
+    parallel form by default, `eval.batch_size` windows per forward; lessctl.tasks.streaming passes
+    its token-by-token cache version (task `perplexity_streaming`).
     """
     e = cfg.eval
     window = int(e.window or model.config.max_position_embeddings)
@@ -70,13 +87,18 @@ def run(
     windows = token_windows(
         corpus.items, tokenizer, window, window * int(e.windows) if e.windows else None
     )
-    words = count_words(tokenizer, windows)
+    batch_size = int(e.get("batch_size") or 1)
+    if batch_size < 1:
+        raise LessctlError(f"eval.batch_size={batch_size}; allowed: an int >= 1")
+    window_words = [count_words(tokenizer, w[None]) for w in windows]
+    words = sum(window_words)
     if words == 0:
         raise LessctlError(f"data={cfg.data.name}: the evaluated windows decode to no words")
     rows = []
     for m in methods:
         t0 = time.perf_counter()
-        total, n = nll(model, windows, m)
+        window_nll, window_tokens = nll(model, windows, m, batch_size)
+        total, n = sum(window_nll), sum(window_tokens)
         base = {
             "task": task,
             "model": cfg.model.name,
@@ -93,8 +115,20 @@ def run(
         }
         ppl_t, ppl_w = math.exp(total / n), math.exp(total / words)
         rows += [
-            {**base, "metric": "ppl_token", "value": ppl_t},
-            {**base, "metric": "ppl_word", "value": ppl_w},
+            {
+                **base,
+                "metric": "ppl_token",
+                "value": ppl_t,
+                "window_nll": window_nll,
+                "window_count": window_tokens,
+            },
+            {
+                **base,
+                "metric": "ppl_word",
+                "value": ppl_w,
+                "window_nll": window_nll,
+                "window_count": window_words,
+            },
         ]
         log(
             f"{cfg.data.name:10s} {m.name:14s} budget={m.policy.budget}  {task}  ppl(token) "

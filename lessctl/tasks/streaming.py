@@ -24,16 +24,17 @@ from lessctl.tasks.perplexity import window_tokens
 
 
 def stream_nll(
-    model, windows: torch.Tensor, method: Method, chunk: int | None = None
-) -> tuple[float, int]:
-    """Σ NLL (nats) and predicted tokens over windows [N,W], streamed through the cache."""
-    total, count = 0.0, 0
+    model, windows: torch.Tensor, method: Method, batch_size: int = 1, chunk: int | None = None
+) -> tuple[list[float], list[int]]:
+    """Per window of [N,W]: Σ NLL (nats) and predicted tokens, streamed through the cache one
+    window at a time (`batch_size` is accepted for the interface and not used)."""
+    nll, count = [], []
     for w in windows:
         x = w[None].to(model.device)
         logits = stream_logits(model, x, method.policy, method.kernels, chunk=chunk or x.shape[1])
-        total += F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum").item()
-        count += x.shape[1] - 1
-    return total, count
+        nll.append(F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum").item())
+        count.append(x.shape[1] - 1)
+    return nll, count
 
 
 def run(

@@ -9,7 +9,9 @@ fetches a script from the hub and fails offline). Predictions are saved per exam
 
 One policy serves every prompt: a fractional `policy.budget.of=sequence` is a fraction of
 `eval.max_prompt_tokens + eval.max_new_tokens` (the longest sequence allowed), recorded in the
-rows as `max_prompt_tokens`.
+rows as `max_prompt_tokens`. Each ROUGE row keeps its per-example F-measures
+(`example_values`, by `example_ids`, the test split's indices) for the report's bootstrap
+intervals; every method sees the same examples, so methods pair by id.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from omegaconf import DictConfig
 from rouge_score import rouge_scorer
 
 from lessctl.data import load_pairs
+from lessctl.errors import LessctlError
 from lessctl.methods import Method
 from lessctl.tasks.base import register
 
@@ -76,6 +79,15 @@ def prompts(cfg: DictConfig, tokenizer, max_prompt_tokens: int) -> tuple[list[di
     return out, skipped, test.source
 
 
+def _batches(examples: list[dict], size: int) -> list[list[int]]:
+    """Positions of `examples` in batches of `size`, similar prompt lengths together (less
+    left padding); a left-padded batch decodes like batch size one, so only speed changes."""
+    if size < 1:
+        raise LessctlError(f"eval.batch_size={size}; allowed: an int >= 1")
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    return [order[a : a + size] for a in range(0, len(order), size)]
+
+
 def run(
     cfg: DictConfig, model, tokenizer, methods: list[Method], run_dir: Path, log=print
 ) -> list[dict[str, Any]]:
@@ -87,8 +99,6 @@ def run(
     max_prompt = int(e.max_prompt_tokens or (max_pos - int(e.max_new_tokens)))
     examples, skipped, source = prompts(cfg, tokenizer, max_prompt)
     if not examples:
-        from lessctl.errors import LessctlError
-
         raise LessctlError(
             f"no {cfg.data.name} prompt fits eval.max_prompt_tokens={max_prompt}; "
             f"lower eval.shots or raise the limit"
@@ -99,10 +109,10 @@ def run(
     for m in methods:
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(int(cfg.seed))
-        preds = []
+        preds: list[str] = [""] * len(examples)
         bs = int(e.batch_size)
-        for a in range(0, len(examples), bs):
-            batch = examples[a : a + bs]
+        for pos in _batches(examples, bs):
+            batch = [examples[i] for i in pos]
             width = max(len(x["input_ids"]) for x in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -123,7 +133,8 @@ def run(
                 tokenizer=tokenizer,
                 generator=gen,
             )
-            preds += [clean(tokenizer.decode(t, skip_special_tokens=True)) for t in new]
+            for i, t in zip(pos, new, strict=True):
+                preds[i] = clean(tokenizer.decode(t, skip_special_tokens=True))
         scores = rouge(preds, [x["reference"] for x in examples])
         budget = m.policy.budget
         path = run_dir / "predictions" / f"{cfg.data.name}-{m.name}-{budget}.jsonl"
@@ -159,7 +170,17 @@ def run(
             "predictions": str(path),
         }
         means = {k: sum(s[k] for s in scores) / len(scores) for k in ROUGE}
-        rows += [{**base, "metric": k, "value": v} for k, v in means.items()]
+        ids = [x["id"] for x in examples]
+        rows += [
+            {
+                **base,
+                "metric": k,
+                "value": v,
+                "example_ids": ids,
+                "example_values": [s[k] for s in scores],
+            }
+            for k, v in means.items()
+        ]
         log(
             f"{cfg.data.name:8s} {m.name:14s} budget={budget}  "
             + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
