@@ -17,7 +17,7 @@ from lessctl.config import load_config, resolve_device, resolve_dtype
 from lessctl.data import load_texts, token_windows
 from lessctl.methods import build_methods
 from lessctl.models import attention_geometry, load_model
-from lessctl.perplexity import method_window_nll
+from lessctl.tasks.perplexity import method_window_nll
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from lessctl import summarize
 from lessctl.config import load_config, resolve_device, resolve_dtype
 from lessctl.methods import build_methods
 from lessctl.models import attention_geometry, load_model
+from lessctl.tasks import summarize
 
 
 def main() -> None:
