@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from lessctl.cache import EvictingCache, cache_nbytes
 from lessctl.errors import LessctlError
 from lessctl.less.kernels import KernelConfig, LayerKernels
-from lessctl.methods import load_less
+from lessctl.methods import CheckpointNotFound, load_less
 from lessctl.models import attention_geometry
 from lessctl.policies.base import Policy
 from lessctl.policies.budget import build_policy
@@ -42,13 +42,15 @@ METRICS = ("latency_ms", "tokens_per_s", "cache_bytes", "peak_mem_bytes")
 
 
 def bench_kernels(
-    cfg: DictConfig, geo: dict[str, int], device
-) -> tuple[dict[int, LayerKernels], str]:
-    """Trained kernels if a checkpoint matches, else untrained ones -> (kernels, kind)."""
+    cfg: DictConfig, geo: dict[str, int], device, policy: Policy
+) -> tuple[dict[int, LayerKernels], dict[str, Any]]:
+    """Trained kernels if a checkpoint matches (a mismatched one is refused as in eval), else,
+    when none exists at all, untrained ones of the same shape and cost -> (kernels, columns)."""
     try:
-        kernels, _ = load_less(cfg, geo, device)
-        return kernels, "trained"
-    except LessctlError:
+        ck = load_less(cfg, geo, device, policy)
+        cols = {"kernels": "trained", "trained_budget": ck.trained_budget, "transfer": ck.transfer}
+        return ck.kernels, cols
+    except CheckpointNotFound:
         kc = KernelConfig(
             num_heads=geo["num_heads"],
             num_kv_heads=geo["num_kv_heads"],
@@ -59,9 +61,8 @@ def bench_kernels(
             init_scale=float(cfg.less.init_scale),
             kind=str(cfg.less.kind),
         )
-        return {i: LayerKernels(kc).to(device).eval() for i in range(geo["num_layers"])}, (
-            "untrained"
-        )
+        kernels = {i: LayerKernels(kc).to(device).eval() for i in range(geo["num_layers"])}
+        return kernels, {"kernels": "untrained", "trained_budget": None, "transfer": None}
 
 
 def _sync(device: torch.device) -> None:
@@ -103,7 +104,6 @@ def run(cfg: DictConfig, model, tokenizer, log=print) -> list[dict[str, Any]]:
         )
     geo = attention_geometry(model)
     device = model.device
-    kernels, kind = bench_kernels(cfg, geo, device) if "less" in names else (None, None)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     rows: list[dict[str, Any]] = []
     table: list[tuple] = []
@@ -115,6 +115,7 @@ def run(cfg: DictConfig, model, tokenizer, log=print) -> list[dict[str, Any]]:
             raise LessctlError(
                 "bench needs an evicting policy (policy.name != full) for baseline/less"
             )
+        kernels, kcols = bench_kernels(cfg, geo, device, policy) if "less" in names else (None, {})
         for batch in [int(x) for x in b.batch_sizes]:
             gen = torch.Generator().manual_seed(int(cfg.seed))
             ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
@@ -153,7 +154,10 @@ def run(cfg: DictConfig, model, tokenizer, log=print) -> list[dict[str, Any]]:
                     "budget": None if name == "full" else policy.budget,
                     "context": context,
                     "batch_size": batch,
-                    "kernels": kind if name == "less" else None,
+                    "kernels": None,
+                    "trained_budget": None,
+                    "transfer": None,
+                    **(kcols if name == "less" else {}),
                 }
                 rows += [{**base, "metric": k, "value": v} for k, v in values.items()]
                 table.append(

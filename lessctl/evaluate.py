@@ -25,7 +25,7 @@ def run(cfg: DictConfig, run: Run, log=print) -> list[dict[str, Any]]:
         window = int(cfg.eval.window or max_pos)
         if max_pos and window > max_pos:
             raise LessctlError(f"eval.window={window} exceeds max_position_embeddings={max_pos}")
-        methods = build_methods(cfg, geo, window, device)
+        methods = build_methods(cfg, geo, window, device, model.dtype)
         if cfg.eval.mode == "parallel":
             stage = perplexity.run
         elif cfg.eval.mode == "streaming":
@@ -37,7 +37,11 @@ def run(cfg: DictConfig, run: Run, log=print) -> list[dict[str, Any]]:
         from lessctl import summarize
 
         prompt_max = int(cfg.eval.max_prompt_tokens or (max_pos - int(cfg.eval.max_new_tokens)))
-        methods = build_methods(cfg, geo, prompt_max + int(cfg.eval.max_new_tokens), device)
+        methods = build_methods(
+            cfg, geo, prompt_max + int(cfg.eval.max_new_tokens), device, model.dtype
+        )
         rows = summarize.run(cfg, model, tok, methods, run.path, log=log)
+    by_name = {m.name: m.columns() for m in methods}
+    rows = [{**r, **by_name.get(r.get("method"), {})} for r in rows]
     run.add_rows(rows)
     return rows

@@ -77,6 +77,8 @@ def test_eval_cli_perplexity_rows(tmp_path, monkeypatch):
     assert (
         by[("baseline_plus", "ppl_token")]["budget"] == by[("baseline", "ppl_token")]["budget"] + 4
     )
+    assert by[("baseline_plus", "ppl_token")]["extra_tokens"] == 4
+    assert by[("baseline", "ppl_token")]["trained_budget"] is None
 
 
 def test_bad_method_and_missing_checkpoint(compose, tiny_model, tmp_path):
@@ -86,13 +88,16 @@ def test_bad_method_and_missing_checkpoint(compose, tiny_model, tmp_path):
 
     geo = attention_geometry(tiny_model[0])
     with pytest.raises(LessctlError, match="allowed"):
-        build_methods(compose("experiment=smoke", "eval.methods=[nope]"), geo, 64, "cpu")
+        build_methods(
+            compose("experiment=smoke", "eval.methods=[nope]"), geo, 64, "cpu", torch.float32
+        )
     with pytest.raises(LessctlError, match="lessctl train"):
         build_methods(
             compose("experiment=smoke", f"train.dir={tmp_path}", "eval.methods=[less]"),
             geo,
             64,
             "cpu",
+            torch.float32,
         )
 
 

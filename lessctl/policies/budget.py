@@ -84,9 +84,21 @@ def build_policy(cfg: Mapping[str, Any], *, seq_len: int, max_position_embedding
     return get_policy(name, budget=total)
 
 
-def baseline_plus(policy: Policy, rank: int, head_dim: int) -> Policy:
-    """Baseline+: ``policy`` with the tokens a rank-``rank`` state costs,
-    ``round((rank * head_dim + rank) / (2 * head_dim))`` (R=8, d=128: +4; h2o 2 heavy + 2 recent,
-    lambda to recent, others to budget; ``full`` unchanged)."""
-    extra = round((rank * head_dim + rank) / (2 * head_dim))
-    return policy.with_extra(extra)
+STATE_BYTES = 4  # the LESS state (lessctl.less.state) is always float32
+
+
+def state_tokens(rank: int, head_dim: int, kv_bytes: int, state_bytes: int = STATE_BYTES) -> int:
+    """Tokens whose K and V (``kv_bytes`` per element) hold as many bytes as a rank-``rank``
+    state per KV head (``rank * head_dim + rank`` elements of ``state_bytes``):
+    ``round((rank * head_dim + rank) * state_bytes / (2 * head_dim * kv_bytes))``.
+    R=8, d=128: 4 with fp32 K/V, 8 with bf16/fp16 K/V (the state stays fp32)."""
+    return round((rank * head_dim + rank) * state_bytes / (2 * head_dim * kv_bytes))
+
+
+def baseline_plus(
+    policy: Policy, rank: int, head_dim: int, kv_bytes: int, state_bytes: int = STATE_BYTES
+) -> Policy:
+    """Baseline+: ``policy`` with ``state_tokens(rank, head_dim, kv_bytes, state_bytes)`` more
+    tokens (h2o half heavy half recent, lambda to recent, others to budget; ``full``
+    unchanged)."""
+    return policy.with_extra(state_tokens(rank, head_dim, kv_bytes, state_bytes))
