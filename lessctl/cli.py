@@ -62,10 +62,12 @@ def compose(overrides: list[str] | None, print_cfg: bool) -> DictConfig | None:
 
 
 def run_stage(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    """Call a stage; a LessctlError or ValueError becomes a one-line error with exit code 2."""
+    """Call a stage; the harness's own input errors (LessctlError and its subclasses) become a
+    one-line error with exit code 2. Anything else (a bug, ours or a library's) keeps its
+    traceback."""
     try:
         return fn(*args, **kw)
-    except (LessctlError, ValueError) as err:
+    except LessctlError as err:
         fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
 
 

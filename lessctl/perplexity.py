@@ -3,7 +3,8 @@
 The text is cut into windows of `eval.window` tokens; every row of every window sees only what
 the policy keeps (plus the LESS state), through a registered attention function on the
 unmodified model. Token-level perplexity = exp(Σ NLL / predicted tokens); word-level
-perplexity = exp(Σ NLL / words), words counted by whitespace in the decoded windows.
+perplexity = exp(Σ NLL / words), words counted by whitespace over the evaluated text once
+(per document, see `count_words`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,18 @@ def method_nll(model, windows: torch.Tensor, method: Method) -> tuple[float, int
 
 
 def count_words(tokenizer, windows: torch.Tensor) -> int:
-    return sum(len(tokenizer.decode(w, skip_special_tokens=True).split()) for w in windows)
+    """Whitespace-separated words of the evaluated text, each counted once: the windows are
+    joined back into the token stream they were cut from, split at EOS into its documents, and
+    each document is decoded and counted (lm-evaluation-harness counts words per document), so
+    a word cut by a window boundary counts once, and documents never run into each other."""
+    eos = tokenizer.eos_token_id
+    docs: list[list[int]] = [[]]
+    for i in windows.flatten().tolist():
+        if i == eos:
+            docs.append([])
+        else:
+            docs[-1].append(i)
+    return sum(len(tokenizer.decode(d, skip_special_tokens=True).split()) for d in docs if d)
 
 
 def run(

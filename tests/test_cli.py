@@ -29,3 +29,21 @@ def test_assets_check_on_empty_cache(tmp_path, monkeypatch):
     assert res.exit_code == 1  # nothing is there, and --check downloads nothing
     assert "smollm2-135m" in res.output
     assert not (tmp_path / "empty" / "downloads").exists()
+
+
+def test_run_stage_one_line_only_for_the_harness_own_errors():
+    import pytest
+    import typer
+
+    from lessctl.cli import run_stage
+    from lessctl.errors import LessctlError
+
+    def own():
+        raise LessctlError("train.epochs=0 is invalid; allowed: an int >= 1")
+
+    with pytest.raises(typer.Exit) as err:
+        run_stage(own)
+    assert err.value.exit_code == 2
+    # a library's ValueError is a bug: it keeps its traceback
+    with pytest.raises(ValueError, match="invalid literal"):
+        run_stage(int, "not a number")

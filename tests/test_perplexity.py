@@ -118,3 +118,17 @@ def test_smollm2_parallel_full_equals_sdpa_and_policy_hurts(smollm2):
         sparse = model(x, labels=x).loss
     torch.testing.assert_close(full, ref, atol=1e-4, rtol=1e-4)
     assert sparse > ref
+
+
+def test_words_are_counted_once_over_the_evaluated_text(tiny_model):
+    from lessctl.data import token_windows
+    from lessctl.perplexity import count_words
+
+    _, tok = tiny_model
+    docs = ["alpha beta gamma delta epsilon " * 6, "zeta eta theta iota kappa " * 6]
+    one = token_windows(docs, tok, 7)  # 7-token windows cut words
+    joined = one.reshape(1, -1)
+    assert count_words(tok, one) == count_words(tok, joined)
+    # the whole text in one window: exactly the documents' words
+    whole = token_windows(docs, tok, sum(len(tok(d).input_ids) + 1 for d in docs))
+    assert count_words(tok, whole) == sum(len(d.split()) for d in docs)

@@ -14,7 +14,7 @@ Fractions follow the official LESS code: ``int(size * ref)``; for h2o each part 
 ``heavy = int(size * heavy_ratio * ref)``, ``recent = int(size * (1 - heavy_ratio) * ref)``
 (Llama 2 7B "5% H2O" = 102 heavy + 102 recent). Integer sizes split as
 ``heavy = int(size * heavy_ratio)``, ``recent = size - heavy``. ``full`` takes no budget.
-Bad values raise a one-line ValueError naming the value and what is allowed.
+Bad values raise a one-line InputError (a LessctlError and a ValueError) naming the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lessctl.errors import InputError
 from lessctl.policies.base import POLICIES, Policy, get_policy
 
 REFERENCES = ("max_position_embeddings", "sequence")
@@ -31,7 +32,7 @@ def _fraction_or_tokens(size: Any) -> None:
     ok_int = isinstance(size, int) and not isinstance(size, bool) and size >= 1
     ok_float = isinstance(size, float) and 0.0 < size < 1.0
     if not (ok_int or ok_float):
-        raise ValueError(
+        raise InputError(
             f"policy budget.size={size!r} is invalid; allowed: an int >= 1 (tokens) "
             "or a float in (0, 1) (fraction of budget.of)"
         )
@@ -46,29 +47,29 @@ def build_policy(cfg: Mapping[str, Any], *, seq_len: int, max_position_embedding
     """Resolve a policy config to a policy with integer budgets (see module doc)."""
     name = cfg.get("name")
     if name not in POLICIES:
-        raise ValueError(f"unknown policy name {name!r}; allowed: {', '.join(sorted(POLICIES))}")
+        raise InputError(f"unknown policy name {name!r}; allowed: {', '.join(sorted(POLICIES))}")
     if name == "full":
         return get_policy("full")
     b = cfg.get("budget")
     if not isinstance(b, Mapping) or "size" not in b:
-        raise ValueError(f"policy {name!r} needs budget.size (an int >= 1 or a float in (0, 1))")
+        raise InputError(f"policy {name!r} needs budget.size (an int >= 1 or a float in (0, 1))")
     size, of = b["size"], b.get("of", "max_position_embeddings")
     _fraction_or_tokens(size)
     if of not in REFERENCES:
-        raise ValueError(f"policy budget.of={of!r} is invalid; allowed: {', '.join(REFERENCES)}")
+        raise InputError(f"policy budget.of={of!r} is invalid; allowed: {', '.join(REFERENCES)}")
     ref = max_position_embeddings if of == "max_position_embeddings" else seq_len
     total = _resolve(size, ref)
     if name == "h2o":
         r = cfg.get("heavy_ratio", 0.5)
         if not 0.0 <= r <= 1.0:
-            raise ValueError(f"policy heavy_ratio={r!r} is invalid; allowed: a float in [0, 1]")
+            raise InputError(f"policy heavy_ratio={r!r} is invalid; allowed: a float in [0, 1]")
         heavy = _resolve(size, ref, r)
         recent = total - heavy if isinstance(size, int) else _resolve(size, ref, 1.0 - r)
         total = heavy + recent
     if total < 1:
-        raise ValueError(f"policy budget {size!r} of {of} ({ref}) gives {total} tokens; need >= 1")
+        raise InputError(f"policy budget {size!r} of {of} ({ref}) gives {total} tokens; need >= 1")
     if total > seq_len:
-        raise ValueError(
+        raise InputError(
             f"policy budget of {total} tokens exceeds the context of {seq_len} tokens; "
             f"allowed: 1..{seq_len}"
         )
@@ -77,7 +78,7 @@ def build_policy(cfg: Mapping[str, Any], *, seq_len: int, max_position_embedding
     if name == "lambda":
         sink = cfg.get("sink", 4)
         if not isinstance(sink, int) or not 0 <= sink < total:
-            raise ValueError(f"policy sink={sink!r} is invalid; allowed: an int in [0, {total})")
+            raise InputError(f"policy sink={sink!r} is invalid; allowed: an int in [0, {total})")
         return get_policy("lambda", sink=sink, recent=total - sink)
     if name == "random":
         return get_policy("random", budget=total, seed=int(cfg.get("seed", 0)))
