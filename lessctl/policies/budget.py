@@ -14,7 +14,8 @@ Fractions follow the official LESS code: ``int(size * ref)``; for h2o each part 
 ``heavy = int(size * heavy_ratio * ref)``, ``recent = int(size * (1 - heavy_ratio) * ref)``
 (Llama 2 7B "5% H2O" = 102 heavy + 102 recent). Integer sizes split as
 ``heavy = int(size * heavy_ratio)``, ``recent = size - heavy``. ``full`` takes no budget.
-Bad values raise a one-line InputError (a LessctlError and a ValueError) naming the value and what is allowed.
+Bad values raise a one-line InputError (a LessctlError and a ValueError) naming the value
+and what is allowed.
 """
 
 from __future__ import annotations
