@@ -105,7 +105,8 @@ def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> It
     from lessctl.config import resolve_device
     from lessctl.runs import start_run
 
-    run = start_run(cfg, command, overrides or [], device=str(resolve_device(cfg.device)))
+    device = run_stage(resolve_device, cfg.device)
+    run = start_run(cfg, command, overrides or [], device=str(device))
     try:
         yield run
     except BaseException:
