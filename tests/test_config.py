@@ -114,3 +114,20 @@ def test_unavailable_device_is_one_line(monkeypatch):
     ):
         resolve_device("cuda")
     assert resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "llama2-7b", "tiny-random"])
+def test_bare_defaults_make_a_coherent_study(compose, model):
+    """Bare `extract`/`train`/`eval` train and evaluate at the same budget, well inside the
+    training sequences (was: a 409-token budget on 512-token sequences for SmolLM2)."""
+    from lessctl.policies import build_policy
+
+    cfg = compose(f"model={model}")
+    max_pos = cfg.model.max_position_embeddings
+    train_len = int(cfg.extract.seq_len)
+    eval_len = int(cfg.eval.window or max_pos)
+    train = build_policy(cfg.policy, seq_len=train_len, max_position_embeddings=max_pos)
+    evaluated = build_policy(cfg.policy, seq_len=eval_len, max_position_embeddings=max_pos)
+    assert train == evaluated and train_len == eval_len
+    assert train.budget <= train_len // 4
+    assert int(cfg.extract.tokens) // train_len >= 2 * int(cfg.extract.batch_size)  # >= 2 chunks
