@@ -34,7 +34,7 @@ clean:
 
 # The whole study on the embedded default (SmolLM2-135M, stand-in corpora) on 2 CPU cores.
 LESS    := $(BIN)/lessctl
-CPU     := experiment=cpu
+CPU     := experiment=cpu run_name=reproduce
 PPL     := eval.window=512 eval.windows=4
 SUMM    := eval.samples=10 eval.shots=1 eval.max_new_tokens=32 eval.max_prompt_tokens=1024 policy.budget.size=0.2 policy.budget.of=sequence
 
@@ -51,4 +51,4 @@ reproduce: install
 	$(LESS) eval $(CPU) task=xsum policy=lambda $(SUMM)
 	$(LESS) eval $(CPU) task=xsum policy=h2o $(SUMM) 'eval.methods=[baseline,baseline_plus,less,performer]'
 	$(LESS) bench $(CPU)
-	$(LESS) report
+	$(LESS) report run_name=reproduce

@@ -250,13 +250,14 @@ def bench(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
 
 @app.command(context_settings=EXTRA)
 def report(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
-    """Write results/REPORT.md and results/figures/ from the saved runs only."""
+    """Write results/REPORT.md and results/figures/ from the saved runs only: every finished
+    run, or with run_name=X only the runs labelled X (one study's runs)."""
     cfg = compose(overrides, print_cfg)
     if cfg is None:
         return
     from lessctl.report import run as write_report
 
-    path = run_stage(write_report, cfg.results_dir)
+    path = run_stage(write_report, cfg.results_dir, run_name=cfg.run_name)
     console.print(f"report → {path}")
 
 
