@@ -107,6 +107,7 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("bench.batch_sizes", list_of(int_at_least(1))),
         ("bench.warmup", int_at_least(0)),
         ("bench.steps", int_at_least(1)),
+        ("bench.isolate", BOOL),
         ("less.kind", one_of("learned", "performer")),
         ("less.rank", int_at_least(1)),
         ("less.hidden", int_at_least(1)),
