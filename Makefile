@@ -40,7 +40,7 @@ clean:
 # summarisation (100 XSum examples per policy, batched; Full is run once and shared by both
 # policies, as it is for perplexity). Every figure gets a bootstrap interval in REPORT.md.
 LESS    := $(BIN)/lessctl
-CPU     := experiment=cpu
+CPU     := experiment=cpu run_name=reproduce
 BUDGETS := 32 64
 METHODS := 'eval.methods=[baseline,baseline_plus,less]'
 PPL     := eval.window=512 eval.windows=32
@@ -66,7 +66,7 @@ reproduce: install
 	$(LESS) eval $(CPU) task=xsum policy=h2o $(SUMM) $(METHODS)
 	$(LESS) eval $(LONGCTX)
 	$(LESS) bench $(CPU)
-	$(LESS) report
+	$(LESS) report run_name=reproduce
 
 # What moves the gap (not part of reproduce; hours on 2 cores): conf/experiment/study.yaml.
 # A smaller grid: make study STUDY_TOKENS="24576 98304 262144" STUDY_EPOCHS=2 STUDY_HIDDEN=128 STUDY_RANK=8

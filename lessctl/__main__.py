@@ -1,3 +1,4 @@
 from lessctl.cli import main
 
-main()
+if __name__ == "__main__":  # a spawned child (lessctl bench) imports this without running it
+    main()

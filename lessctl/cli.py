@@ -62,10 +62,12 @@ def compose(overrides: list[str] | None, print_cfg: bool) -> DictConfig | None:
 
 
 def run_stage(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    """Call a stage; a LessctlError or ValueError becomes a one-line error with exit code 2."""
+    """Call a stage; the harness's own input errors (LessctlError and its subclasses) become a
+    one-line error with exit code 2. Anything else (a bug, ours or a library's) keeps its
+    traceback."""
     try:
         return fn(*args, **kw)
-    except (LessctlError, ValueError) as err:
+    except LessctlError as err:
         fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
 
 
@@ -103,7 +105,8 @@ def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> It
     from lessctl.config import resolve_device
     from lessctl.runs import start_run
 
-    run = start_run(cfg, command, overrides or [], device=str(resolve_device(cfg.device)))
+    device = run_stage(resolve_device, cfg.device)
+    run = start_run(cfg, command, overrides or [], device=str(device))
     try:
         yield run
     except BaseException:
@@ -260,13 +263,14 @@ def bench(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
 
 @app.command(context_settings=EXTRA)
 def report(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
-    """Write results/REPORT.md and results/figures/ from the saved runs only."""
+    """Write results/REPORT.md and results/figures/ from the saved runs only: every finished
+    run, or with run_name=X only the runs labelled X (one study's runs)."""
     cfg = compose(overrides, print_cfg)
     if cfg is None:
         return
     from lessctl.report import run as write_report
 
-    path = run_stage(write_report, cfg.results_dir)
+    path = run_stage(write_report, cfg.results_dir, run_name=cfg.run_name)
     console.print(f"report → {path}")
 
 

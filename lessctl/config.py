@@ -12,6 +12,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 from lessctl.errors import LessctlError
+from lessctl.schema import validate
 
 
 class ConfigError(LessctlError):
@@ -75,18 +76,36 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
         raise ConfigError(_explain(err, overrides)) from None
     finally:
         GlobalHydra.instance().clear()
+    validate(cfg)
     return cfg
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` → cuda if available, else mps, else cpu."""
+    """`auto` → cuda if available, else mps, else cpu; a device this machine lacks is refused
+    in one line."""
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
+        return torch.device("mps" if mps else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"device={name!r} is invalid; allowed: auto, cpu, cuda, cuda:N, mps"
+        ) from None
+    here = ["auto", "cpu"] + (["mps"] if mps else [])
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            here += [f"cuda:0..{n - 1}"] if n else []
+            raise ConfigError(
+                f"device={name!r} is not available on this machine "
+                f"({n} CUDA device(s)); allowed here: {', '.join(here)}"
+            )
+    if dev.type == "mps" and not mps:
+        raise ConfigError(f"device={name!r} is not available here; allowed: {', '.join(here)}")
+    return dev
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -24,7 +24,9 @@ def run(cfg: DictConfig, run: Run, log=print) -> list[dict[str, Any]]:
     model, tok = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device), seed=cfg.seed)
     geo = attention_geometry(model)
     seq_len = task.context_tokens(cfg, geo["max_position_embeddings"])
-    methods = build_methods(cfg, geo, seq_len, device)
+    methods = build_methods(cfg, geo, seq_len, device, model.dtype)
     rows = task.run(cfg, model, tok, methods, run.path, log=log)
+    by_name = {m.name: m.columns() for m in methods}
+    rows = [{**r, **by_name.get(r.get("method"), {})} for r in rows]
     run.add_rows(rows)
     return rows

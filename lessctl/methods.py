@@ -14,10 +14,13 @@ form over the whole window (less-method.md §1, §5).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
 from lessctl.errors import LessctlError
@@ -25,7 +28,7 @@ from lessctl.hooks import refuse_unknown_kwargs
 from lessctl.less.attention import parallel_attention
 from lessctl.less.kernels import KernelConfig, LayerKernels
 from lessctl.policies.base import Policy, layer_evict_at
-from lessctl.policies.budget import baseline_plus, build_policy
+from lessctl.policies.budget import baseline_plus, build_policy, state_tokens
 
 METHODS = ("full", "baseline", "baseline_plus", "less", "performer")
 
@@ -36,6 +39,17 @@ class Method:
     policy: Policy
     kernels: dict[int, LayerKernels] | None = None
     checkpoint: str | None = None
+    trained_budget: int | None = None  # less: the budget its kernels were trained at
+    transfer: bool | None = None  # less: trained at another budget/split (less.transfer=true)
+    extra_tokens: int | None = None  # baseline_plus: tokens added for the state's bytes
+
+    def columns(self) -> dict[str, Any]:
+        """What every result row of this method records beside the evaluated budget."""
+        return {
+            "trained_budget": self.trained_budget,
+            "transfer": self.transfer,
+            "extra_tokens": self.extra_tokens,
+        }
 
 
 class ParallelAttention:
@@ -83,60 +97,135 @@ def _same_training(cfg: DictConfig, man: dict) -> bool:
     return all(extract.get(k) == int(cfg.extract[k]) for k in ("tokens", "seq_len"))
 
 
-def find_checkpoint(cfg: DictConfig, num_layers: int, budget: int | None = None) -> Path:
-    """`less.ckpt`, or a complete checkpoint under `train.dir` for this model, policy and rank:
-    one trained at `budget` and with this `less` config first, then one trained with this
-    config's `train.*` and `extract.tokens`/`seq_len`, then the newest."""
+CHECKPOINT_FORMAT = 2  # manifests with `format`, `split` (policy_spec) and `data`
+KERNEL_KEYS = ("rank", "hidden", "kind")  # what an evaluation needs of the trained kernels
+
+
+class CheckpointNotFound(LessctlError):
+    """No checkpoint of this model, policy and kernel shape at all (bench falls back)."""
+
+
+def policy_spec(policy: Policy) -> dict[str, Any]:
+    """The resolved policy with its split, e.g. {name: lambda, sink: 4, recent: 28}."""
+    return {"name": policy.name, **dataclasses.asdict(policy)}
+
+
+def _fmt_spec(spec: dict[str, Any] | None) -> str:
+    if not spec:
+        return "unrecorded"
+    return " ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+
+
+def checkpoint_differences(man: dict[str, Any], cfg: DictConfig, policy: Policy) -> list[str]:
+    """What differs between a checkpoint manifest and this evaluation (empty: it matches).
+    Entries start with `budget` when only the policy's budget/split differs (transferable)."""
+    diffs = []
+    if man.get("model") != cfg.model.name:
+        diffs.append(f"model={man.get('model')} (evaluating model={cfg.model.name})")
+    if man.get("policy") != policy.name:
+        diffs.append(f"policy={man.get('policy')} (evaluating policy={policy.name})")
+    kern = man.get("kernel", {})
+    for k in KERNEL_KEYS:
+        want = cfg.less[k] if k == "kind" else int(cfg.less[k])
+        if kern.get(k) != want:
+            diffs.append(f"less.{k}={kern.get(k)} (evaluating less.{k}={want})")
+    if diffs:
+        return diffs
+    want = policy_spec(policy)
+    if man.get("format", 1) < CHECKPOINT_FORMAT or "split" not in man:
+        return [
+            f"budget/split unrecorded (old checkpoint format; trained at budget "
+            f"{man.get('budget')}, evaluating {_fmt_spec(want)}): retrain with `lessctl train`"
+        ]
+    if man["split"] != want:
+        return [
+            f"budget {man.get('budget')} with {_fmt_spec(man['split'])} "
+            f"(evaluating budget {policy.budget} with {_fmt_spec(want)})"
+        ]
+    return []
+
+
+def _is_transfer(diffs: list[str]) -> bool:
+    return bool(diffs) and all(d.startswith("budget") for d in diffs)
+
+
+def _complete(path: Path, num_layers: int) -> bool:
+    return all((path / f"layer_{i:03d}.safetensors").exists() for i in range(num_layers))
+
+
+def find_checkpoint(cfg: DictConfig, num_layers: int, policy: Policy) -> Path:
+    """`less.ckpt`, or the newest complete checkpoint under `train.dir` trained for this model,
+    policy (budget and split included) and kernel shape (preferring one trained with this
+    config's `train.*` and `extract.tokens`/`seq_len`); with `less.transfer=true` one of
+    another budget when none matches. Otherwise one line that says what is missing."""
     if cfg.less.get("ckpt"):
         return Path(cfg.less.ckpt).expanduser()
-    want_kernel = {k: cfg.less[k] for k in ("hidden", "kind")}
-    cands = []
+    exact, transferable = [], []
     for man_path in Path(cfg.train.dir).expanduser().glob("*/manifest.json"):
         man = json.loads(man_path.read_text())
-        complete = all(
-            (man_path.parent / f"layer_{i:03d}.safetensors").exists() for i in range(num_layers)
+        path = man_path.parent
+        if not _complete(path, num_layers):
+            continue
+        diffs = checkpoint_differences(man, cfg, policy)
+        newest = max(p.stat().st_mtime for p in path.glob("layer_*.safetensors"))
+        # among matches: the one trained with this config's train.* and extraction size first
+        # (a sweep such as experiment=study evaluates each point with its own kernels)
+        key = (_same_training(cfg, man), newest)
+        if not diffs:
+            exact.append((key, path))
+        elif _is_transfer(diffs):
+            transferable.append((key, path, man.get("budget")))
+    if exact:
+        return max(exact)[1]
+    what = (
+        f"model={cfg.model.name} policy={policy.name} {_fmt_spec(policy_spec(policy))} "
+        f"(budget {policy.budget}) less.rank={cfg.less.rank} less.hidden={cfg.less.hidden}"
+    )
+    if not transferable:
+        raise CheckpointNotFound(
+            f"no trained LESS checkpoint for {what} under {cfg.train.dir}; run `lessctl train` "
+            f"with the same policy first or pass less.ckpt=PATH"
         )
-        if (
-            man["model"] == cfg.model.name
-            and man["policy"] == cfg.policy.name
-            and man["kernel"]["rank"] == int(cfg.less.rank)
-            and complete
-        ):
-            same_kernel = all(man["kernel"].get(k) == v for k, v in want_kernel.items())
-            newest = max(p.stat().st_mtime for p in man_path.parent.glob("layer_*.safetensors"))
-            key = (man.get("budget") == budget, same_kernel, _same_training(cfg, man), newest)
-            cands.append((key, man_path.parent))
-    if not cands:
-        raise LessctlError(
-            f"no trained LESS checkpoint for model={cfg.model.name} policy={cfg.policy.name} "
-            f"less.rank={cfg.less.rank} under {cfg.train.dir}; run `lessctl train` first or "
-            f"pass less.ckpt=PATH"
-        )
-    return max(cands, key=lambda c: c[0])[1]
+    if cfg.less.get("transfer"):
+        return max(transferable)[1]
+    budgets = sorted({str(b) for *_, b in transferable})
+    raise LessctlError(
+        f"no LESS checkpoint trained for {what} under {cfg.train.dir}; found only ones trained "
+        f"at budget {', '.join(budgets)}: train at this budget, or pass less.transfer=true to "
+        f"evaluate kernels trained at another budget"
+    )
 
 
-def load_less(
-    cfg: DictConfig, geo: dict[str, int], device, budget: int | None = None
-) -> tuple[dict[int, LayerKernels], str]:
-    """Trained kernels for every layer; refuses a checkpoint of another model, policy or rank."""
-    path = find_checkpoint(cfg, geo["num_layers"], budget)
+@dataclass(frozen=True)
+class Checkpoint:
+    """Loaded kernels with where they came from and how they were trained."""
+
+    kernels: dict[int, LayerKernels]
+    path: str
+    trained_budget: int | None
+    transfer: bool
+
+
+def load_less(cfg: DictConfig, geo: dict[str, int], device, policy: Policy) -> Checkpoint:
+    """Trained kernels for every layer. A checkpoint of another model, policy or kernel shape is
+    refused; one of another budget/split (or an old one that does not record it) too, unless
+    `less.transfer=true` (then `transfer` is True and `trained_budget` says where it was
+    trained)."""
+    path = find_checkpoint(cfg, geo["num_layers"], policy)
     if not (path / "manifest.json").exists():
         raise LessctlError(f"less.ckpt={str(path)!r} is not a LESS checkpoint (no manifest.json)")
     man = json.loads((path / "manifest.json").read_text())
-    want = {"model": cfg.model.name, "policy": cfg.policy.name, "rank": int(cfg.less.rank)}
-    got = {"model": man["model"], "policy": man["policy"], "rank": man["kernel"]["rank"]}
-    for key in want:
-        if want[key] != got[key]:
-            raise LessctlError(
-                f"LESS checkpoint {path} was trained for {key}={got[key]}, not {key}={want[key]}"
-            )
+    diffs = checkpoint_differences(man, cfg, policy)
+    if diffs and not (_is_transfer(diffs) and cfg.less.get("transfer")):
+        hint = "; pass less.transfer=true to evaluate it anyway" if _is_transfer(diffs) else ""
+        raise LessctlError(f"LESS checkpoint {path} was trained for {diffs[0]}{hint}")
     kernels = {}
     for i in range(geo["num_layers"]):
         p = path / f"layer_{i:03d}.safetensors"
         if not p.exists():
             raise LessctlError(f"LESS checkpoint {path} lacks layer {i} ({p.name})")
         kernels[i] = LayerKernels.load(p, device).eval()
-    return kernels, str(path)
+    return Checkpoint(kernels, str(path), man.get("budget"), bool(diffs))
 
 
 def performer(cfg: DictConfig, geo: dict[str, int], device) -> dict[int, LayerKernels]:
@@ -158,8 +247,12 @@ def performer(cfg: DictConfig, geo: dict[str, int], device) -> dict[int, LayerKe
     }
 
 
-def build_methods(cfg: DictConfig, geo: dict[str, int], seq_len: int, device) -> list[Method]:
-    """The methods named in `eval.methods` for this policy and a context of `seq_len` tokens."""
+def build_methods(
+    cfg: DictConfig, geo: dict[str, int], seq_len: int, device, kv_dtype: torch.dtype
+) -> list[Method]:
+    """The methods named in `eval.methods` for this policy and a context of `seq_len` tokens;
+    `kv_dtype`: the dtype of the cached K/V (Baseline+ adds the tokens worth the state's
+    bytes)."""
     names = list(cfg.eval.methods)
     bad = [n for n in names if n not in METHODS]
     if bad:
@@ -175,10 +268,13 @@ def build_methods(cfg: DictConfig, geo: dict[str, int], seq_len: int, device) ->
         elif n == "baseline":
             out.append(Method(n, policy))
         elif n == "baseline_plus":
-            out.append(Method(n, baseline_plus(policy, int(cfg.less.rank), geo["head_dim"])))
+            rank, kv_bytes = int(cfg.less.rank), torch.empty((), dtype=kv_dtype).element_size()
+            extra = state_tokens(rank, geo["head_dim"], kv_bytes)
+            plus = baseline_plus(policy, rank, geo["head_dim"], kv_bytes)
+            out.append(Method(n, plus, extra_tokens=extra if plus.budget is not None else 0))
         elif n == "less":
-            kernels, ckpt = load_less(cfg, geo, device, policy.budget)
-            out.append(Method(n, policy, kernels, ckpt))
+            ck = load_less(cfg, geo, device, policy)
+            out.append(Method(n, policy, ck.kernels, ck.path, ck.trained_budget, ck.transfer))
         else:
             out.append(Method(n, policy, performer(cfg, geo, device)))
     return out

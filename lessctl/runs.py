@@ -117,6 +117,7 @@ def start_run(cfg: DictConfig, command: str, overrides: list[str], device: str =
         versions=versions(),
         device=device,
         seed=int(cfg.seed),
+        run_name=cfg.get("run_name"),
         start=_now(),
         host=platform.node(),
         status="running",

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
-from lessctl.config import resolve_device
+from lessctl.config import resolve_device, resolve_dtype
 from lessctl.errors import LessctlError
 from lessctl.extract import extraction_dir
 from lessctl.less.attention import (
@@ -38,9 +38,12 @@ from lessctl.less.attention import (
     sparse_attention,
 )
 from lessctl.less.kernels import KernelConfig, LayerKernels
+from lessctl.methods import CHECKPOINT_FORMAT, policy_spec
 from lessctl.policies.base import expire, layer_evict_at, never_evicted
 from lessctl.policies.budget import baseline_plus, build_policy
 from lessctl.shards import ShardError, ShardStore, config_hash, save_atomic, write_json_atomic
+
+EVAL_ONLY_LESS_KEYS = ("ckpt", "transfer")  # choose a checkpoint; not part of what is trained
 
 
 def kernel_config(cfg: DictConfig, geo: dict[str, int]) -> KernelConfig:
@@ -102,7 +105,11 @@ def train_spec(cfg: DictConfig, man: dict[str, Any]) -> dict[str, Any]:
     return {
         "activations": man["hash"],
         "policy": OmegaConf.to_container(cfg.policy, resolve=True),
-        "less": OmegaConf.to_container(cfg.less, resolve=True),
+        "less": {
+            k: v
+            for k, v in OmegaConf.to_container(cfg.less, resolve=True).items()
+            if k not in EVAL_ONLY_LESS_KEYS
+        },
         "train": hyper,
         "seed": int(cfg.seed),
     }
@@ -264,7 +271,8 @@ def train_layer(
     budget = policy.budget
     if budget is None:
         raise LessctlError("policy=full evicts nothing: there is nothing for LESS to learn")
-    plus = baseline_plus(policy, int(cfg.less.rank), geo["head_dim"])
+    kv_bytes = torch.empty((), dtype=resolve_dtype(cfg.dtype, device)).element_size()
+    plus = baseline_plus(policy, int(cfg.less.rank), geo["head_dim"], kv_bytes)
     kcfg = kernel_config(cfg, geo)
     seed = int(cfg.seed) * 1000 + layer
     torch.manual_seed(seed)
@@ -438,6 +446,7 @@ def run(cfg: DictConfig, log=print) -> tuple[Path, list[dict[str, Any]]]:
         write_json_atomic(
             out / "manifest.json",
             {
+                "format": CHECKPOINT_FORMAT,
                 "spec": train_spec(cfg, man),
                 "model": man["model"],
                 "dataset": man["dataset"],
@@ -445,6 +454,13 @@ def run(cfg: DictConfig, log=print) -> tuple[Path, list[dict[str, Any]]]:
                 "activations": str(store.root),
                 "policy": policy.name,
                 "budget": policy.budget,
+                "split": policy_spec(policy),
+                "data": {
+                    "dataset": man["dataset"],
+                    "source": man["source"],
+                    "activations": man["hash"],
+                    "seq_len": man["seq_len"],
+                },
                 "seq_len": man["seq_len"],
                 "geometry": geo,
                 "kernel": asdict(kernel_config(cfg, geo)),

@@ -29,3 +29,37 @@ def test_assets_check_on_empty_cache(tmp_path, monkeypatch):
     assert res.exit_code == 1  # nothing is there, and --check downloads nothing
     assert "smollm2-135m" in res.output
     assert not (tmp_path / "empty" / "downloads").exists()
+
+
+def test_run_stage_one_line_only_for_the_harness_own_errors():
+    import pytest
+    import typer
+
+    from lessctl.cli import run_stage
+    from lessctl.errors import LessctlError
+
+    def own():
+        raise LessctlError("train.epochs=0 is invalid; allowed: an int >= 1")
+
+    with pytest.raises(typer.Exit) as err:
+        run_stage(own)
+    assert err.value.exit_code == 2
+    # a library's ValueError is a bug: it keeps its traceback
+    with pytest.raises(ValueError, match="invalid literal"):
+        run_stage(int, "not a number")
+
+
+def test_bad_values_exit_2_with_one_line(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for args, needle in (
+        (["train", "model=tiny-random", "train.epochs=0"], "train.epochs=0"),
+        (["extract", "model=tiny-random", "extract.tokens=0"], "extract.tokens=0"),
+        (["eval", "model=tiny-random", "eval.shots=-1"], "eval.shots=-1"),
+        (["extract", "model=tiny-random", "device=cuda"], "device='cuda' is not available"),
+    ):
+        res = runner.invoke(app, args)
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output

@@ -63,3 +63,71 @@ def test_dtype_resolution():
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     with pytest.raises(ConfigError, match="allowed"):
         resolve_dtype("float8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "override,allowed",
+    [
+        ("train.epochs=0", "an int >= 1"),
+        ("extract.tokens=0", "an int >= 1"),
+        ("eval.shots=-1", "an int >= 0"),
+        ("eval.mode=fast", "parallel, streaming"),
+        ("train.val_fraction=1.5", "(0.0, 1.0)"),
+        ("less.dropout=1.0", "[0.0, 1.0)"),
+        ("less.kind=mystery", "learned, performer"),
+        ("less.transfer=maybe", "true or false"),
+        ("bench.contexts=[0,64]", "a non-empty list, each an int >= 2"),
+        ("device=gpu", "auto, cpu, cuda, cuda:N, mps"),
+        ("dtype=float8", "auto, float32"),
+        ("seed=abc", "an int >= 0"),
+    ],
+)
+def test_bad_values_are_refused_where_they_enter(override, allowed):
+    from lessctl.schema import SchemaError
+
+    key, value = override.split("=", 1)
+    with pytest.raises(SchemaError) as e:
+        load_config([override])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{key}=") and value[:3] in msg and allowed in msg
+
+
+def test_every_schema_key_exists_in_the_defaults(compose):
+    from omegaconf import OmegaConf
+
+    from lessctl.schema import SCHEMA
+
+    cfg = compose()
+    missing = [f.key for f in SCHEMA if OmegaConf.select(cfg, f.key, default="<none>") == "<none>"]
+    assert missing == []
+
+
+def test_unavailable_device_is_one_line(monkeypatch):
+    import torch
+
+    from lessctl.config import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(
+        ConfigError, match=r"device='cuda' is not available .*allowed here: auto, cpu"
+    ):
+        resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "llama2-7b", "tiny-random"])
+def test_bare_defaults_make_a_coherent_study(compose, model):
+    """Bare `extract`/`train`/`eval` train and evaluate at the same budget, well inside the
+    training sequences (was: a 409-token budget on 512-token sequences for SmolLM2)."""
+    from lessctl.policies import build_policy
+
+    cfg = compose(f"model={model}")
+    max_pos = cfg.model.max_position_embeddings
+    train_len = int(cfg.extract.seq_len)
+    eval_len = int(cfg.eval.window or max_pos)
+    train = build_policy(cfg.policy, seq_len=train_len, max_position_embeddings=max_pos)
+    evaluated = build_policy(cfg.policy, seq_len=eval_len, max_position_embeddings=max_pos)
+    assert train == evaluated and train_len == eval_len
+    assert train.budget <= train_len // 4
+    assert int(cfg.extract.tokens) // train_len >= 2 * int(cfg.extract.batch_size)  # >= 2 chunks

@@ -98,7 +98,12 @@ def test_cli_extract_records_run(smoke):
 
 def test_failed_extract_marks_its_run_failed(smoke, tmp_path):
     overrides, _ = smoke
+    # a bad value is refused before any run folder exists (schema at compose time) ...
     res = CliRunner().invoke(app, ["extract", *overrides, "extract.dtype=int8"])
     assert res.exit_code == 2 and "extract.dtype" in res.output
+    assert not __import__("pathlib").Path("results/runs/extract").exists()
+    # ... one the stage finds (a missing text file) marks its run failed
+    res = CliRunner().invoke(app, ["extract", *overrides, f"data.path={tmp_path / 'missing.txt'}"])
+    assert res.exit_code == 2, res.output
     [meta] = list(__import__("pathlib").Path("results/runs/extract").glob("*/meta.json"))
     assert json.loads(meta.read_text())["status"] == "failed"

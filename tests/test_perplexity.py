@@ -103,6 +103,8 @@ def test_eval_cli_perplexity_rows(tmp_path, monkeypatch):
         assert math.exp(sum(r["window_nll"]) / sum(r["window_count"])) == pytest.approx(r["value"])
         assert sum(r["window_count"]) == (r["tokens"] if r["metric"] == "ppl_token" else r["words"])
     assert by[("full", "ppl_token")]["window_nll"] != by[("baseline", "ppl_token")]["window_nll"]
+    assert by[("baseline_plus", "ppl_token")]["extra_tokens"] == 4
+    assert by[("baseline", "ppl_token")]["trained_budget"] is None
 
 
 def test_bad_method_and_missing_checkpoint(compose, tiny_model, tmp_path):
@@ -112,13 +114,16 @@ def test_bad_method_and_missing_checkpoint(compose, tiny_model, tmp_path):
 
     geo = attention_geometry(tiny_model[0])
     with pytest.raises(LessctlError, match="allowed"):
-        build_methods(compose("experiment=smoke", "eval.methods=[nope]"), geo, 64, "cpu")
+        build_methods(
+            compose("experiment=smoke", "eval.methods=[nope]"), geo, 64, "cpu", torch.float32
+        )
     with pytest.raises(LessctlError, match="lessctl train"):
         build_methods(
             compose("experiment=smoke", f"train.dir={tmp_path}", "eval.methods=[less]"),
             geo,
             64,
             "cpu",
+            torch.float32,
         )
 
 
@@ -139,3 +144,17 @@ def test_smollm2_parallel_full_equals_sdpa_and_policy_hurts(smollm2):
         sparse = model(x, labels=x).loss
     torch.testing.assert_close(full, ref, atol=1e-4, rtol=1e-4)
     assert sparse > ref
+
+
+def test_words_are_counted_once_over_the_evaluated_text(tiny_model):
+    from lessctl.data import token_windows
+    from lessctl.tasks.perplexity import count_words
+
+    _, tok = tiny_model
+    docs = ["alpha beta gamma delta epsilon " * 6, "zeta eta theta iota kappa " * 6]
+    one = token_windows(docs, tok, 7)  # 7-token windows cut words
+    joined = one.reshape(1, -1)
+    assert count_words(tok, one) == count_words(tok, joined)
+    # the whole text in one window: exactly the documents' words
+    whole = token_windows(docs, tok, sum(len(tok(d).input_ids) + 1 for d in docs))
+    assert count_words(tok, whole) == sum(len(d.split()) for d in docs)

@@ -51,7 +51,7 @@ def test_report_on_saved_runs_is_deterministic(compose, tmp_path):
     text = path.read_text()
     assert (
         "| m | wikitext2 | embedded:wikitext | 512 | h2o | 32 | 10.000 | 30.000 | 20.000 | 15.000 "
-        "| 25.000 | 0.500 |" in text
+        "| 25.000 | – | 0.500 |" in text
     )
     assert "not comparable" in text
     assert (tmp_path / "figures" / "perplexity-ppl_word-m-wikitext2-h2o.png").exists()
@@ -147,3 +147,23 @@ def test_report_gives_intervals_paired_differences_and_words(compose, tmp_path):
     summ_line = next(x for x in text.splitlines() if x.startswith("| m | xsum"))
     assert "not significant" in summ_line  # LESS = Baseline+ up to noise
     assert write_report(tmp_path).read_text() == text  # seeded
+
+
+def test_report_selects_one_study_by_run_name(compose, tmp_path):
+    smoke = start_run(compose(f"results_dir={tmp_path}"), "eval", [])
+    smoke.add_rows(_rows(16, [1e16, 2e16, 2e16, 2e16, 2e16]))
+    smoke.finish()
+    study = start_run(compose(f"results_dir={tmp_path}", "run_name=study"), "eval", [])
+    rows = _rows(32, [10.0, 30.0, 20.0, 15.0, 25.0])
+    for r in rows:
+        if r["method"] == "less":
+            r.update(trained_budget=16, transfer=True)
+    study.add_rows(rows)
+    study.finish()
+    everything = write_report(tmp_path).read_text()
+    assert "| 16 |" in everything and "| 32 |" in everything
+    text = write_report(tmp_path, run_name="study").read_text()
+    assert "run_name=study" in text and "| 16 |" not in text.split("## Runs")[0]
+    assert "10000000000000000" not in text and "1e+16" not in text
+    # LESS's trained budget shown beside the evaluated one
+    assert "LESS trained at" in text and "| 16 (transfer) |" in text

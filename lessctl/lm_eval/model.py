@@ -109,7 +109,7 @@ class LessctlLM(HFLM):
             if cfg is None:
                 cfg = load_config([])
             cfg.eval.methods = [method]
-            method = build_methods(cfg, geo, max_length, pretrained.device)[0]
+            method = build_methods(cfg, geo, max_length, pretrained.device, pretrained.dtype)[0]
         self.method = method
         super().__init__(
             pretrained=pretrained,

@@ -13,7 +13,7 @@ from lessctl.policies.base import (
     register,
     sequential_evict_at,
 )
-from lessctl.policies.budget import baseline_plus, build_policy
+from lessctl.policies.budget import baseline_plus, build_policy, state_tokens
 from lessctl.policies.full import Full
 from lessctl.policies.h2o import H2O
 from lessctl.policies.lambda_mask import LambdaMask
@@ -33,6 +33,7 @@ __all__ = [
     "Recent",
     "SnapKV",
     "baseline_plus",
+    "state_tokens",
     "build_policy",
     "get_policy",
     "group_probs",

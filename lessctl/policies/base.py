@@ -64,6 +64,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from lessctl.errors import InputError
+
 POLICIES: dict[str, type[Policy]] = {}
 
 
@@ -77,7 +79,7 @@ def get_policy(name: str, **params: object) -> Policy:
     """Build the registered policy ``name`` with ``params`` (e.g. ``get_policy("h2o", heavy=8,
     recent=8)``); unknown names raise a one-line ValueError listing the allowed ones."""
     if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; allowed: {', '.join(sorted(POLICIES))}")
+        raise InputError(f"unknown policy {name!r}; allowed: {', '.join(sorted(POLICIES))}")
     return POLICIES[name](**params)
 
 

@@ -19,7 +19,8 @@ Fractions follow the official LESS code: ``int(size * ref)``; for h2o each part 
 ``heavy = int(size * heavy_ratio)``, ``recent = size - heavy``. ``full`` takes no budget.
 For snapkv the budget splits into ``window`` (an int in [1, total]: tokens; a float in (0, 1):
 ``max(1, int(window * total))``) and ``heavy = total - window``.
-Bad values raise a one-line ValueError naming the value and what is allowed.
+Bad values raise a one-line InputError (a LessctlError and a ValueError) naming the value
+and what is allowed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lessctl.errors import InputError
 from lessctl.policies.base import POLICIES, Policy, get_policy
 
 REFERENCES = ("max_position_embeddings", "sequence")
@@ -36,7 +38,7 @@ def _fraction_or_tokens(size: Any) -> None:
     ok_int = isinstance(size, int) and not isinstance(size, bool) and size >= 1
     ok_float = isinstance(size, float) and 0.0 < size < 1.0
     if not (ok_int or ok_float):
-        raise ValueError(
+        raise InputError(
             f"policy budget.size={size!r} is invalid; allowed: an int >= 1 (tokens) "
             "or a float in (0, 1) (fraction of budget.of)"
         )
@@ -51,29 +53,29 @@ def build_policy(cfg: Mapping[str, Any], *, seq_len: int, max_position_embedding
     """Resolve a policy config to a policy with integer budgets (see module doc)."""
     name = cfg.get("name")
     if name not in POLICIES:
-        raise ValueError(f"unknown policy name {name!r}; allowed: {', '.join(sorted(POLICIES))}")
+        raise InputError(f"unknown policy name {name!r}; allowed: {', '.join(sorted(POLICIES))}")
     if name == "full":
         return get_policy("full")
     b = cfg.get("budget")
     if not isinstance(b, Mapping) or "size" not in b:
-        raise ValueError(f"policy {name!r} needs budget.size (an int >= 1 or a float in (0, 1))")
+        raise InputError(f"policy {name!r} needs budget.size (an int >= 1 or a float in (0, 1))")
     size, of = b["size"], b.get("of", "max_position_embeddings")
     _fraction_or_tokens(size)
     if of not in REFERENCES:
-        raise ValueError(f"policy budget.of={of!r} is invalid; allowed: {', '.join(REFERENCES)}")
+        raise InputError(f"policy budget.of={of!r} is invalid; allowed: {', '.join(REFERENCES)}")
     ref = max_position_embeddings if of == "max_position_embeddings" else seq_len
     total = _resolve(size, ref)
     if name == "h2o":
         r = cfg.get("heavy_ratio", 0.5)
         if not 0.0 <= r <= 1.0:
-            raise ValueError(f"policy heavy_ratio={r!r} is invalid; allowed: a float in [0, 1]")
+            raise InputError(f"policy heavy_ratio={r!r} is invalid; allowed: a float in [0, 1]")
         heavy = _resolve(size, ref, r)
         recent = total - heavy if isinstance(size, int) else _resolve(size, ref, 1.0 - r)
         total = heavy + recent
     if total < 1:
-        raise ValueError(f"policy budget {size!r} of {of} ({ref}) gives {total} tokens; need >= 1")
+        raise InputError(f"policy budget {size!r} of {of} ({ref}) gives {total} tokens; need >= 1")
     if total > seq_len:
-        raise ValueError(
+        raise InputError(
             f"policy budget of {total} tokens exceeds the context of {seq_len} tokens; "
             f"allowed: 1..{seq_len}"
         )
@@ -82,7 +84,7 @@ def build_policy(cfg: Mapping[str, Any], *, seq_len: int, max_position_embedding
     if name == "lambda":
         sink = cfg.get("sink", 4)
         if not isinstance(sink, int) or not 0 <= sink < total:
-            raise ValueError(f"policy sink={sink!r} is invalid; allowed: an int in [0, {total})")
+            raise InputError(f"policy sink={sink!r} is invalid; allowed: an int in [0, {total})")
         return get_policy("lambda", sink=sink, recent=total - sink)
     if name == "random":
         return get_policy("random", budget=total, seed=int(cfg.get("seed", 0)))
@@ -96,7 +98,7 @@ def _snapkv(cfg: Mapping[str, Any], total: int) -> Policy:
     w = cfg.get("window", 0.5)
     ok_int = isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= total
     if not (ok_int or (isinstance(w, float) and 0.0 < w < 1.0)):
-        raise ValueError(
+        raise InputError(
             f"policy window={w!r} is invalid; allowed: an int in [1, {total}] (tokens of the "
             "budget) or a float in (0, 1) (share of the budget)"
         )
@@ -106,9 +108,21 @@ def _snapkv(cfg: Mapping[str, Any], total: int) -> Policy:
     return get_policy("snapkv", heavy=total - w, window=w, kernel=kernel, pooling=pooling)
 
 
-def baseline_plus(policy: Policy, rank: int, head_dim: int) -> Policy:
-    """Baseline+: ``policy`` with the tokens a rank-``rank`` state costs,
-    ``round((rank * head_dim + rank) / (2 * head_dim))`` (R=8, d=128: +4; h2o 2 heavy + 2 recent,
-    lambda to recent, snapkv to heavy, others to budget; ``full`` unchanged)."""
-    extra = round((rank * head_dim + rank) / (2 * head_dim))
-    return policy.with_extra(extra)
+STATE_BYTES = 4  # the LESS state (lessctl.less.state) is always float32
+
+
+def state_tokens(rank: int, head_dim: int, kv_bytes: int, state_bytes: int = STATE_BYTES) -> int:
+    """Tokens whose K and V (``kv_bytes`` per element) hold as many bytes as a rank-``rank``
+    state per KV head (``rank * head_dim + rank`` elements of ``state_bytes``):
+    ``round((rank * head_dim + rank) * state_bytes / (2 * head_dim * kv_bytes))``.
+    R=8, d=128: 4 with fp32 K/V, 8 with bf16/fp16 K/V (the state stays fp32)."""
+    return round((rank * head_dim + rank) * state_bytes / (2 * head_dim * kv_bytes))
+
+
+def baseline_plus(
+    policy: Policy, rank: int, head_dim: int, kv_bytes: int, state_bytes: int = STATE_BYTES
+) -> Policy:
+    """Baseline+: ``policy`` with ``state_tokens(rank, head_dim, kv_bytes, state_bytes)`` more
+    tokens (h2o half heavy half recent, lambda to recent, snapkv to heavy, others to budget; ``full``
+    unchanged)."""
+    return policy.with_extra(state_tokens(rank, head_dim, kv_bytes, state_bytes))

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lessctl.errors import InputError
 from lessctl.policies.base import Policy, register
 
 POOLINGS = ("avg", "max")
@@ -75,11 +76,11 @@ class SnapKV(Policy):
 
     def __post_init__(self) -> None:
         if self.heavy < 0 or self.window < 1:
-            raise ValueError(f"snapkv needs heavy >= 0 and window >= 1; got {self}")
+            raise InputError(f"snapkv needs heavy >= 0 and window >= 1; got {self}")
         if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"snapkv kernel={self.kernel!r} is invalid; allowed: an odd int >= 1")
+            raise InputError(f"snapkv kernel={self.kernel!r} is invalid; allowed: an odd int >= 1")
         if self.pooling not in POOLINGS:
-            raise ValueError(
+            raise InputError(
                 f"snapkv pooling={self.pooling!r} is invalid; allowed: {', '.join(POOLINGS)}"
             )
 

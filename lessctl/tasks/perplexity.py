@@ -3,7 +3,8 @@
 The text is cut into windows of `eval.window` tokens; every row of every window sees only what
 the policy keeps (plus the LESS state), through a registered attention function on the
 unmodified model. Token-level perplexity = exp(Σ NLL / predicted tokens); word-level
-perplexity = exp(Σ NLL / words), words counted by whitespace in the decoded windows.
+perplexity = exp(Σ NLL / words), words counted by whitespace over the evaluated text once
+(per document, see `count_words`).
 
 Rows keep the per-window values for the report's bootstrap intervals (lessctl.stats):
 `window_nll` (Σ NLL of each window) and `window_count` (its predicted tokens for `ppl_token`,
@@ -62,7 +63,26 @@ def method_nll(model, windows: torch.Tensor, method: Method) -> tuple[float, int
 
 
 def count_words(tokenizer, windows: torch.Tensor) -> int:
-    return sum(len(tokenizer.decode(w, skip_special_tokens=True).split()) for w in windows)
+    """Whitespace-separated words of the evaluated text, each counted once: the windows are
+    joined back into the token stream they were cut from, split at EOS into its documents, and
+    each document is decoded and counted (lm-evaluation-harness counts words per document), so
+    a word cut by a window boundary counts once, and documents never run into each other."""
+    eos = tokenizer.eos_token_id
+    docs: list[list[int]] = [[]]
+    for i in windows.flatten().tolist():
+        if i == eos:
+            docs.append([])
+        else:
+            docs[-1].append(i)
+    return sum(len(tokenizer.decode(d, skip_special_tokens=True).split()) for d in docs if d)
+
+
+def words_per_window(tokenizer, windows: torch.Tensor) -> list[int]:
+    """Each window's share of `count_words(windows)`: the words the text gains with that window
+    (a word cut by a window boundary belongs to the window it starts in), so the shares add up
+    to the words counted once. windows [N,S] -> N ints."""
+    totals = [count_words(tokenizer, windows[: i + 1]) for i in range(len(windows))]
+    return [b - a for a, b in zip([0, *totals[:-1]], totals, strict=True)]
 
 
 def run(
@@ -90,7 +110,7 @@ def run(
     batch_size = int(e.get("batch_size") or 1)
     if batch_size < 1:
         raise LessctlError(f"eval.batch_size={batch_size}; allowed: an int >= 1")
-    window_words = [count_words(tokenizer, w[None]) for w in windows]
+    window_words = words_per_window(tokenizer, windows)
     words = sum(window_words)
     if words == 0:
         raise LessctlError(f"data={cfg.data.name}: the evaluated windows decode to no words")

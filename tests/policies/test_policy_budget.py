@@ -19,6 +19,7 @@ from lessctl.policies import (
     baseline_plus,
     build_policy,
     get_policy,
+    state_tokens,
 )
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "policy"
@@ -83,16 +84,29 @@ def test_budget_larger_than_context_fraction_of_max_positions():
 
 
 def test_baseline_plus_adds_state_memory():
-    assert baseline_plus(H2O(102, 102), rank=8, head_dim=128) == H2O(104, 104)
-    assert baseline_plus(LambdaMask(4, 200), rank=8, head_dim=128) == LambdaMask(4, 204)
-    assert baseline_plus(TOVA(204), rank=8, head_dim=128) == TOVA(208)
-    assert baseline_plus(Recent(10), rank=8, head_dim=128) == Recent(14)
-    assert baseline_plus(RandomPolicy(10, 5), rank=8, head_dim=128) == RandomPolicy(14, 5)
-    assert baseline_plus(Full(), rank=8, head_dim=128) == Full()
-    assert baseline_plus(SnapKV(100, 32, 7, "max"), rank=8, head_dim=128) == SnapKV(
+    assert baseline_plus(H2O(102, 102), rank=8, head_dim=128, kv_bytes=4) == H2O(104, 104)
+    assert baseline_plus(LambdaMask(4, 200), rank=8, head_dim=128, kv_bytes=4) == LambdaMask(4, 204)
+    assert baseline_plus(TOVA(204), rank=8, head_dim=128, kv_bytes=4) == TOVA(208)
+    assert baseline_plus(Recent(10), rank=8, head_dim=128, kv_bytes=4) == Recent(14)
+    assert baseline_plus(RandomPolicy(10, 5), rank=8, head_dim=128, kv_bytes=4) == RandomPolicy(
+        14, 5
+    )
+    assert baseline_plus(Full(), rank=8, head_dim=128, kv_bytes=4) == Full()
+    assert baseline_plus(SnapKV(100, 32, 7, "max"), rank=8, head_dim=128, kv_bytes=4) == SnapKV(
         104, 32, 7, "max"
     )
-    assert baseline_plus(H2O(10, 10), rank=16, head_dim=64).budget == 20 + 8  # round(8.125)
+    assert (
+        baseline_plus(H2O(10, 10), rank=16, head_dim=64, kv_bytes=4).budget == 20 + 8
+    )  # round(8.125)
+
+
+def test_baseline_plus_counts_bytes_not_numbers():
+    # bf16/fp16 K/V (2 bytes) beside the fp32 state: the state is worth twice the tokens
+    assert state_tokens(8, 128, kv_bytes=4) == 4 and state_tokens(8, 128, kv_bytes=2) == 8
+    assert baseline_plus(LambdaMask(4, 200), rank=8, head_dim=128, kv_bytes=2) == LambdaMask(4, 208)
+    assert baseline_plus(H2O(102, 102), rank=8, head_dim=128, kv_bytes=2) == H2O(106, 106)
+    # an fp16 state beside fp16 K/V is numbers again
+    assert state_tokens(8, 128, kv_bytes=2, state_bytes=2) == 4
 
 
 def test_registry_and_budgets():
