@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from lessctl.perplexity import method_nll
 
 from lessctl import extract as E
 from lessctl import train as T
@@ -15,6 +14,7 @@ from lessctl.cache import EvictingCache
 from lessctl.hooks import use_attention
 from lessctl.policies import get_policy
 from lessctl.shards import ShardStore
+from lessctl.tasks.perplexity import method_nll
 
 from .test_extract import TEXT
 

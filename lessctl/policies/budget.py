@@ -123,6 +123,6 @@ def baseline_plus(
     policy: Policy, rank: int, head_dim: int, kv_bytes: int, state_bytes: int = STATE_BYTES
 ) -> Policy:
     """Baseline+: ``policy`` with ``state_tokens(rank, head_dim, kv_bytes, state_bytes)`` more
-    tokens (h2o half heavy half recent, lambda to recent, snapkv to heavy, others to budget; ``full``
-    unchanged)."""
+    tokens (h2o half heavy half recent, lambda to recent, snapkv to heavy, others to budget;
+    ``full`` unchanged)."""
     return policy.with_extra(state_tokens(rank, head_dim, kv_bytes, state_bytes))
