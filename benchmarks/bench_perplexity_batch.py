@@ -42,7 +42,7 @@ def main() -> None:
     device = resolve_device(cfg.device)
     model, tok = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device), seed=cfg.seed)
     windows = token_windows(load_texts(cfg.data).items, tok, 512, 512 * args.windows)
-    for m in build_methods(cfg, attention_geometry(model), 512, device):
+    for m in build_methods(cfg, attention_geometry(model), 512, device, model.dtype):
         secs = {}
         vals = {}
         for bs in (1, args.batch):

@@ -46,7 +46,7 @@ def main() -> None:
     cfg = load_config(overrides)
     device = resolve_device(cfg.device)
     model, tok = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device), seed=cfg.seed)
-    methods = build_methods(cfg, attention_geometry(model), 1024 + 32, device)
+    methods = build_methods(cfg, attention_geometry(model), 1024 + 32, device, model.dtype)
     per_s = {}
     rouge = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -167,7 +167,7 @@ def test_window_within_the_budget_evicts_nothing(family, monkeypatch):
 
 
 def _methods(model):
-    plus = baseline_plus(EVICTING, 4, attention_geometry(model)["head_dim"])
+    plus = baseline_plus(EVICTING, 4, attention_geometry(model)["head_dim"], kv_bytes=4)
     kern = kernels_for(model)
     return {
         "baseline": (EVICTING, None),
