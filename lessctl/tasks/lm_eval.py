@@ -1,5 +1,5 @@
 """`lessctl eval task=lm_eval`: lm-evaluation-harness tasks (the backend is `lessctl.lm_eval`,
-imported only when the task runs: lm-eval is heavy to import)."""
+imported only when the task runs: lm-eval is slow to import)."""
 
 from __future__ import annotations
 
