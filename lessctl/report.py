@@ -205,9 +205,12 @@ def interval_table(t: pd.DataFrame, lower_is_better: bool, digits: int) -> pd.Da
         smp = r.get("_samples") or {}
         row = {c: r[c] for c in t.columns if not c.startswith("_") and c not in LABEL.values()}
         row.pop("gap closed", None)
+        trained_at = row.pop("LESS trained at", None)
         for lab in LABEL.values():
             s = smp.get(lab)
             row[lab] = _ci(stats.figure(s), digits) if s is not None else _fmt(r[lab])
+        if trained_at is not None:
+            row["LESS trained at"] = trained_at
         full, plus, less = smp.get("Full"), smp.get("Baseline+"), smp.get("LESS")
         if full is not None and plus is not None and less is not None:
             f, p = full.figure(), plus.figure()
