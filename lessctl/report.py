@@ -102,15 +102,26 @@ def _trained_at(less: pd.DataFrame) -> str:
     tb = r["trained_budget"]
     if tb is None or tb != tb:
         return "–"
-    return f"{int(tb)}" + (" (transfer)" if r.get("transfer") is True else "")
+    transfer = r.get("transfer")
+    moved = transfer == transfer and bool(transfer)  # NaN: no value; numpy bools count too
+    return f"{int(tb)}" + (" (transfer)" if moved else "")
+
+
+# settings a method's figure depends on beside model, data and window: Full is only compared
+# with the methods of a run when these match (perplexity: windows; summarisation: the prompt)
+SETTINGS = ("windows", "samples", "shots", "sampling", "max_new_tokens", "max_prompt_tokens")
 
 
 def method_table(df: pd.DataFrame, metric: str, lower_is_better: bool) -> pd.DataFrame:
-    """One row per (model, dataset, source, window, policy, budget): a column per method + the
-    gap closed. Full is matched on the same model, dataset, source and window."""
+    """One row per (model, dataset, source, window, settings, policy, budget): a column per
+    method + the gap closed. Full is matched on the same model, dataset, source, window and
+    `SETTINGS` (the columns the rows have), never across different evaluation settings."""
     d = df[df.metric == metric]
     d = d.assign(window=d["window"].fillna(-1) if "window" in d else -1)
-    ctx = ["model", "dataset", "source", "window"]
+    extra = [c for c in SETTINGS if c in d and d[c].notna().any()]
+    d = d.assign(**{c: d[c].map(lambda x: "–" if x != x or x is None else str(x)) for c in extra})
+    ctx = ["model", "dataset", "source", "window", *extra]
+    n = len(ctx)
     full = d[d.method == "full"].groupby(ctx)["value"].last()
     full_samples = (
         d[d.method == "full"]
@@ -123,10 +134,10 @@ def method_table(df: pd.DataFrame, metric: str, lower_is_better: bool) -> pd.Dat
     out = []
     for key, g in rest.groupby([*ctx, "policy", "_run"], sort=True):
         budget = base_budget.get(key, g.budget.min())
-        row = dict(zip([*ctx, "policy"], key[:5], strict=True))
+        row = dict(zip([*ctx, "policy"], key[: n + 1], strict=True))
         row["budget"] = int(budget) if budget == budget else None
-        row["Full"] = full.get(key[:4], float("nan"))
-        samples = {"Full": full_samples.get(key[:4])}
+        row["Full"] = full.get(key[:n], float("nan"))
+        samples = {"Full": full_samples.get(key[:n])}
         for m in ORDER[1:]:
             v = g[g.method == m]
             row[LABEL[m]] = v["value"].iloc[-1] if len(v) else float("nan")
@@ -139,6 +150,11 @@ def method_table(df: pd.DataFrame, metric: str, lower_is_better: bool) -> pd.Dat
     t = pd.DataFrame(out)
     if t.empty:
         return t
+    keys = [*ctx, "policy", "budget"]
+    t = t.sort_values(keys).drop_duplicates(keys, keep="last")
+    if (t["window"] == -1).all():
+        t = t.drop(columns="window")
+    return t
     keys = [*ctx, "policy", "budget"]
     t = t.sort_values(keys).drop_duplicates(keys, keep="last")
     if (t["window"] == -1).all():

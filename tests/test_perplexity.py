@@ -158,3 +158,12 @@ def test_words_are_counted_once_over_the_evaluated_text(tiny_model):
     # the whole text in one window: exactly the documents' words
     whole = token_windows(docs, tok, sum(len(tok(d).input_ids) + 1 for d in docs))
     assert count_words(tok, whole) == sum(len(d.split()) for d in docs)
+    # each window's share (the bootstrap units) adds up to the words counted once, and a word
+    # cut by a boundary is not counted twice
+    from lessctl.tasks.perplexity import words_per_window
+
+    for n in (3, 5, 7, 11):
+        w = token_windows(docs, tok, n)
+        shares = words_per_window(tok, w)
+        assert sum(shares) == count_words(tok, w)
+        assert sum(shares) < sum(count_words(tok, x[None]) for x in w)  # words were cut

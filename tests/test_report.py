@@ -167,3 +167,22 @@ def test_report_selects_one_study_by_run_name(compose, tmp_path):
     assert "10000000000000000" not in text and "1e+16" not in text
     # LESS's trained budget shown beside the evaluated one
     assert "LESS trained at" in text and "| 16 (transfer) |" in text
+
+
+def test_full_is_never_matched_across_evaluation_settings(compose, tmp_path):
+    # Full measured on 32 windows in one run, the other methods on 8 in another: no gap closed
+    # may pair them (the figures are on different text); with equal settings they pair.
+    cfg = compose(f"results_dir={tmp_path}")
+    full_run = start_run(cfg, "eval", [])
+    full_run.add_rows([{**_rows(32, [10.0] * 5)[0], "windows": 32}])
+    full_run.finish()
+    rest = start_run(cfg, "eval", [])
+    rest.add_rows([{**r, "windows": 8} for r in _rows(32, [10.0, 30.0, 20.0, 15.0, 25.0])[1:]])
+    rest.finish()
+    line = next(x for x in write_report(tmp_path).read_text().splitlines() if "| 8 |" in x)
+    assert "10.000" not in line and "30.000" in line
+    same = start_run(cfg, "eval", [])
+    same.add_rows([{**r, "windows": 32} for r in _rows(32, [10.0, 30.0, 20.0, 15.0, 25.0])[1:]])
+    same.finish()
+    line = next(x for x in write_report(tmp_path).read_text().splitlines() if "| 32 | h2o" in x)
+    assert "10.000" in line and "0.500" in line

@@ -78,11 +78,30 @@ def count_words(tokenizer, windows: torch.Tensor) -> int:
 
 
 def words_per_window(tokenizer, windows: torch.Tensor) -> list[int]:
-    """Each window's share of `count_words(windows)`: the words the text gains with that window
-    (a word cut by a window boundary belongs to the window it starts in), so the shares add up
-    to the words counted once. windows [N,S] -> N ints."""
-    totals = [count_words(tokenizer, windows[: i + 1]) for i in range(len(windows))]
-    return [b - a for a, b in zip([0, *totals[:-1]], totals, strict=True)]
+    """Each window's share of the words counted once (`count_words`): its own words, less one
+    when its first word continues the previous window's last word (the two boundary tokens
+    decode to one word together and to one each alone), so a word cut by a window boundary
+    belongs to the window it starts in. Linear in the text. windows [N,S] -> N ints."""
+    eos = tokenizer.eos_token_id
+
+    def words(ids: list[int]) -> int:
+        return len(tokenizer.decode(ids, skip_special_tokens=True).split())
+
+    shares, last = [], None
+    for w in windows.tolist():
+        docs: list[list[int]] = [[]]
+        for i in w:
+            if i == eos:
+                docs.append([])
+            else:
+                docs[-1].append(i)
+        n = sum(words(d) for d in docs if d)
+        if last is not None and eos not in (last, w[0]):
+            joined = words([last, w[0]]) == 1 and words([last]) == 1 and words([w[0]]) == 1
+            n -= int(joined)
+        shares.append(n)
+        last = w[-1]
+    return shares
 
 
 def run(
