@@ -79,6 +79,12 @@ def activations(cfg: DictConfig) -> ShardStore:
         )
     if root is None and man["hash"] != store.root.name:
         raise ShardError(f"manifest hash {man['hash']} does not match folder {store.root}")
+    if "layers" not in man:
+        raise ShardError(
+            f"extraction at {store.root} predates per-layer attention views (scaling, sliding "
+            f"window, soft-capping), so its targets would ignore them: delete it and run "
+            f"`lessctl extract` again"
+        )
     done = len(store.done_chunks())
     if done != man["chunks"]:
         raise ShardError(
@@ -178,7 +184,7 @@ class LayerData:
         self.policy, self.plus, self.cache = policy, plus, cache_dir
         self.memory_bytes = memory_bytes
         self.w = {k: v.to(device) for k, v in store.o_proj(layer).items()}
-        view = (store.manifest().get("layers") or [{}] * (layer + 1))[layer]
+        view = store.manifest()["layers"][layer]  # `activations` refuses extractions without
         self.window, self.softcap = view.get("window"), view.get("softcap")
         self.scale = scale if view.get("scaling") is None else view["scaling"]
         if not self.w:

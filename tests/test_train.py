@@ -78,6 +78,13 @@ def test_bad_inputs_are_one_line(extracted, compose, tmp_path):
     (other / "manifest.json").write_text(json.dumps({**man, "model": "llama2-7b"}))
     with pytest.raises(ShardError, match="come from model 'llama2-7b'"):
         T.run(compose(*extracted, f"train.activations={other}"), log=lambda *_: None)
+    # an extraction from before per-layer views (window, softcap, scaling) is refused
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    man = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({k: v for k, v in man.items() if k != "layers"}))
+    with pytest.raises(ShardError, match="predates per-layer attention views"):
+        T.run(compose(*extracted, f"train.activations={old}"), log=lambda *_: None)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ShardError, match="manifest.json|no activations"):
