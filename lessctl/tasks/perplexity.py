@@ -62,19 +62,23 @@ def method_nll(model, windows: torch.Tensor, method: Method) -> tuple[float, int
     return sum(nll), sum(count)
 
 
+def _words(tokenizer, ids: list[int]) -> int:
+    """Whitespace-separated words of `ids` decoded, counted per EOS-separated document."""
+    docs: list[list[int]] = [[]]
+    for i in ids:
+        if i == tokenizer.eos_token_id:
+            docs.append([])
+        else:
+            docs[-1].append(i)
+    return sum(len(tokenizer.decode(d, skip_special_tokens=True).split()) for d in docs if d)
+
+
 def count_words(tokenizer, windows: torch.Tensor) -> int:
     """Whitespace-separated words of the evaluated text, each counted once: the windows are
     joined back into the token stream they were cut from, split at EOS into its documents, and
     each document is decoded and counted (lm-evaluation-harness counts words per document), so
     a word cut by a window boundary counts once, and documents never run into each other."""
-    eos = tokenizer.eos_token_id
-    docs: list[list[int]] = [[]]
-    for i in windows.flatten().tolist():
-        if i == eos:
-            docs.append([])
-        else:
-            docs[-1].append(i)
-    return sum(len(tokenizer.decode(d, skip_special_tokens=True).split()) for d in docs if d)
+    return _words(tokenizer, windows.flatten().tolist())
 
 
 def words_per_window(tokenizer, windows: torch.Tensor) -> list[int]:
@@ -83,22 +87,12 @@ def words_per_window(tokenizer, windows: torch.Tensor) -> list[int]:
     decode to one word together and to one each alone), so a word cut by a window boundary
     belongs to the window it starts in. Linear in the text. windows [N,S] -> N ints."""
     eos = tokenizer.eos_token_id
-
-    def words(ids: list[int]) -> int:
-        return len(tokenizer.decode(ids, skip_special_tokens=True).split())
-
     shares, last = [], None
     for w in windows.tolist():
-        docs: list[list[int]] = [[]]
-        for i in w:
-            if i == eos:
-                docs.append([])
-            else:
-                docs[-1].append(i)
-        n = sum(words(d) for d in docs if d)
+        n = _words(tokenizer, w)
         if last is not None and eos not in (last, w[0]):
-            joined = words([last, w[0]]) == 1 and words([last]) == 1 and words([w[0]]) == 1
-            n -= int(joined)
+            alone = _words(tokenizer, [last]) == 1 == _words(tokenizer, [w[0]])
+            n -= int(alone and _words(tokenizer, [last, w[0]]) == 1)
         shares.append(n)
         last = w[-1]
     return shares
