@@ -129,6 +129,14 @@ class LayerKernels(nn.Module):
         """k [B,Hkv,S,d] -> [B,Hkv,S,R]."""
         return self.net.psi(k)
 
+    def log_phi(self, q: Tensor) -> Tensor:
+        """log phi(q) [B,H,S,R] (-inf for a zero feature), computed in fp32."""
+        return torch.log(self.phi(q.float()))
+
+    def log_psi(self, k: Tensor) -> Tensor:
+        """log psi(k) [B,Hkv,S,R] (-inf for a zero feature), computed in fp32."""
+        return torch.log(self.psi(k.float()))
+
     def save(self, path: str | Path) -> None:
         """Write weights and the config (JSON metadata "config") to a .safetensors file."""
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}

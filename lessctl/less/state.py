@@ -56,6 +56,25 @@ class LowRankState:
         self.z = (self.z - w.sum(2)).clamp(min=0)
         return self
 
+    def absorb_log(self, log_psi_k: Tensor, v: Tensor, mask: Tensor | None = None) -> LowRankState:
+        """:meth:`absorb` with log features: log_psi_k [B,Hkv,n,R] (-inf for a zero feature)."""
+        return self.absorb(torch.exp(log_psi_k.to(F32)), v, mask)
+
+    def release_log(self, log_psi_k: Tensor, v: Tensor, mask: Tensor | None = None) -> LowRankState:
+        """:meth:`release` with log features (the inverse of :meth:`absorb_log`)."""
+        return self.release(torch.exp(log_psi_k.to(F32)), v, mask)
+
+    def log_z(self) -> Tensor:
+        """log z [B,Hkv,R] (-inf where nothing is held): with log phi(q), the additive logit of
+        the state's R "virtual keys" (key 0, value :meth:`mean_values`)."""
+        return torch.log(self.z)
+
+    def mean_values(self) -> Tensor:
+        """H / z [B,Hkv,R,d] (0 where z == 0): the values of the R virtual keys, so that
+        ``sum_r exp(log phi_r + log z_r) * H_r / z_r = phi H`` and the denominators add
+        ``phi z``."""
+        return self.H / torch.where(self.z > 0, self.z, 1.0)[..., None]
+
     def read(self, phi_q: Tensor) -> tuple[Tensor, Tensor]:
         """phi_q [B,H,T,R] -> (phi H [B,H,T,d], phi z [B,H,T])."""
         b, h, t, _ = phi_q.shape
