@@ -118,12 +118,19 @@ def sdpa(module, query, key, value, attention_mask, **kw):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
 
 
+def no_mask(*args, **kwargs) -> None:
+    """A mask function for attention functions that build their own (the evicting cache): no
+    [B, 1, T, seen + T] mask is allocated, whatever the context length."""
+    return None
+
+
 @contextmanager
-def use_attention(model, fn: Callable) -> Iterator[str]:
-    """Switch `model` to attention function `fn` (with an SDPA causal mask) inside the block."""
+def use_attention(model, fn: Callable, mask: Callable = sdpa_mask) -> Iterator[str]:
+    """Switch `model` to attention function `fn` (with the causal mask `mask`, by default
+    SDPA's) inside the block."""
     name = f"lessctl_{next(_ids)}"
     AttentionInterface.register(name, fn)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, mask)
     configs = {id(c): c for c in (model.config, *[m.config for m in attention_layers(model)])}
     old = {k: c._attn_implementation for k, c in configs.items()}
     try:

@@ -443,7 +443,10 @@ def test_prompt_protocol_keeps_only_the_window(family):
         assert ((pos >= 0).sum(-1) == 6).all()
         if view["window"] is not None:
             assert (pos > 14 - view["window"]).all()
-            assert layer.fpos is not None and (layer.fpos[layer.fpos >= 0] > 14 - WINDOW).all()
+            assert (
+                layer.store.fpos is not None
+                and (layer.store.fpos[layer.store.fpos >= 0] > 14 - WINDOW).all()
+            )
     a, b = ids_of(7, 15)[0], ids_of(8, 11)[0]
     batch = torch.full((2, 15), 256)
     batch[0], batch[1, 4:] = a, b

@@ -32,14 +32,16 @@ Two faces that agree exactly:
      candidate under the current query ``q_t`` over all ``n + 1`` candidates, summed over the
      group's query heads (see :func:`group_probs`);
 
-   and gets ``slot [B,Hkv]`` in ``[0, n)``: the candidate to evict (never the new key). Each
-   built-in policy only defines ``eviction_scores`` (lowest score, then earliest position,
-   leaves first); ``select_evict`` is their arg-min, and a cache evicting several keys at once
-   sorts by them. After
-   row ``t`` attends over the ``n`` remaining keys, a cache for an accumulating policy adds that
-   row's probabilities over its kept keys (summed over the group) to their ``acc_scores``;
-   the evicted key's score is dropped forever (rows before the first eviction go through
-   ``policy.accumulate``, which SnapKV uses for its observation window).
+   (``t``: an int, or a long tensor ``[B,1,1]`` when sequences are at different rows, as in a
+   left-padded batch's steady state) and gets ``slot [B,Hkv]`` in ``[0, n)``: the candidate
+   to evict (never the new key). Each built-in policy defines ``eviction_scores`` (lowest
+   score, then earliest position, leaves first); ``select_evict`` is their arg-min (a policy
+   may override it with a cheaper equivalent), and a cache evicting several keys at once sorts
+   by them. After row ``t`` attends over the ``n`` remaining keys, a cache for an
+   accumulating policy adds that row's probabilities over its kept keys (summed over the
+   group) to their ``acc_scores``; the evicted key's score is dropped forever (rows before the
+   first eviction go through ``policy.accumulate``, which SnapKV uses for its observation
+   window).
    :func:`sequential_evict_at` is exactly this loop.
 
 ``keep_mask(evict_at)`` expands a decision to a dense ``[B,Hkv,S,S]`` mask (tests, small S).
@@ -162,7 +164,11 @@ class Policy:
         return acc + probs.sum(2)
 
     def eviction_scores(
-        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+        self,
+        t: int | Tensor,
+        positions: Tensor,
+        acc_scores: Tensor | None,
+        probs_now: Tensor | None,
     ) -> Tensor:
         """Scores of the old candidates, candidates [B,Hkv,n+1] -> [B,Hkv,n]: the lowest
         (ties: earliest position) is evicted first. Evicting several at once (a cache that
@@ -170,7 +176,11 @@ class Policy:
         raise NotImplementedError
 
     def select_evict(
-        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+        self,
+        t: int | Tensor,
+        positions: Tensor,
+        acc_scores: Tensor | None,
+        probs_now: Tensor | None,
     ) -> Tensor:
         """Online face (see module doc): candidates [B,Hkv,n+1] -> slot to evict [B,Hkv]."""
         scores = self.eviction_scores(t, positions, acc_scores, probs_now)

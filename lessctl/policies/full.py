@@ -26,7 +26,11 @@ class Full(Policy):
         return never_evicted(k)
 
     def eviction_scores(
-        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+        self,
+        t: int | Tensor,
+        positions: Tensor,
+        acc_scores: Tensor | None,
+        probs_now: Tensor | None,
     ) -> Tensor:
         raise RuntimeError("policy 'full' never evicts; a cache must not ask it to")
 

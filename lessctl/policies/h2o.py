@@ -41,7 +41,11 @@ class H2O(Policy):
         return self.heavy + self.recent
 
     def eviction_scores(
-        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+        self,
+        t: int | Tensor,
+        positions: Tensor,
+        acc_scores: Tensor | None,
+        probs_now: Tensor | None,
     ) -> Tensor:
         """Accumulated attention, +inf inside the recent window: [B,Hkv,n+1] -> [B,Hkv,n]."""
         assert acc_scores is not None, "h2o needs acc_scores"

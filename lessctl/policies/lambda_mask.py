@@ -53,9 +53,25 @@ class LambdaMask(Policy):
         return window_evict_at(k, self.sink, self.recent)
 
     def eviction_scores(
-        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+        self,
+        t: int | Tensor,
+        positions: Tensor,
+        acc_scores: Tensor | None,
+        probs_now: Tensor | None,
     ) -> Tensor:
         return window_scores(positions, self.sink)
+
+    def select_evict(
+        self,
+        t: int | Tensor,
+        positions: Tensor,
+        acc_scores: Tensor | None,
+        probs_now: Tensor | None,
+    ) -> Tensor:
+        """The earliest non-sink old candidate (the arg-min of :meth:`eviction_scores`, ties to
+        the earliest position) in three operations: [B,Hkv,n+1] -> [B,Hkv]."""
+        old = positions[..., :-1]
+        return torch.where(old < self.sink, torch.iinfo(old.dtype).max, old).argmin(-1)
 
     def with_extra(self, extra: int) -> LambdaMask:
         return LambdaMask(self.sink, self.recent + extra)

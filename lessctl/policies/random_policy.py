@@ -54,7 +54,11 @@ class RandomPolicy(Policy):
             raise ValueError(f"random needs budget >= 1, got {self.budget}")
 
     def eviction_scores(
-        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+        self,
+        t: int | Tensor,
+        positions: Tensor,
+        acc_scores: Tensor | None,
+        probs_now: Tensor | None,
     ) -> Tensor:
         """Seeded pseudo-random priority of each old candidate: [B,Hkv,n+1] -> [B,Hkv,n]."""
         return priority(self.seed, positions[..., :-1])

@@ -31,7 +31,11 @@ class Recent(Policy):
         return window_evict_at(k, 0, self.budget)
 
     def eviction_scores(
-        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+        self,
+        t: int | Tensor,
+        positions: Tensor,
+        acc_scores: Tensor | None,
+        probs_now: Tensor | None,
     ) -> Tensor:
         return window_scores(positions, 0)
 

@@ -104,7 +104,11 @@ class SnapKV(Policy):
         return torch.where(closes, pooled, acc)
 
     def eviction_scores(
-        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+        self,
+        t: int | Tensor,
+        positions: Tensor,
+        acc_scores: Tensor | None,
+        probs_now: Tensor | None,
     ) -> Tensor:
         """Accumulated (pooled-seeded) scores, +inf in the window: [B,Hkv,n+1] -> [B,Hkv,n]."""
         assert acc_scores is not None, "snapkv needs acc_scores"

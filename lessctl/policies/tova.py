@@ -29,7 +29,11 @@ class TOVA(Policy):
             raise ValueError(f"tova needs budget >= 1, got {self.budget}")
 
     def eviction_scores(
-        self, t: int, positions: Tensor, acc_scores: Tensor | None, probs_now: Tensor | None
+        self,
+        t: int | Tensor,
+        positions: Tensor,
+        acc_scores: Tensor | None,
+        probs_now: Tensor | None,
     ) -> Tensor:
         """The current query's probability of each old candidate: [B,Hkv,n+1] -> [B,Hkv,n]."""
         assert probs_now is not None, "tova needs probs_now"

@@ -1,0 +1,73 @@
+"""Attention of query rows over kept keys plus the LESS state, in one softmax (general path).
+
+The state enters as ``R`` virtual keys per KV head: logit ``log phi_r(q) + log z_r``, value
+``H_r / z_r`` (:meth:`~lessctl.less.state.LowRankState.mean_values`), so that the softmax over
+kept logits and virtual logits is exactly LESS's ``[sum_kept e^s v + phi H] / [sum_kept e^s +
+phi z]`` (:mod:`lessctl.less.attention`), in log space: nothing overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lessctl.less.state import LowRankState
+from lessctl.policies.base import capped, default_scale
+
+F32 = torch.float32
+
+
+def state_logits(log_phi: Tensor, state: LowRankState, hkv: int) -> Tensor:
+    """Virtual-key logits ``log phi_r(q) + log z_r``: log_phi [B,H,T,R] -> [B,Hkv,g,T,R] fp32."""
+    b, h, t, r = log_phi.shape
+    return log_phi.to(F32).view(b, hkv, h // hkv, t, r) + state.log_z()[:, :, None, None]
+
+
+def rows_attention(
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    visible: Tensor | None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    log_phi: Tensor | None = None,
+    state: LowRankState | None = None,
+    want_probs: bool = False,
+    block: int = 1024,
+) -> tuple[Tensor, Tensor | None]:
+    """Rows ``q`` over kept ``keys``/``values`` where ``visible``, plus the state, fp32.
+
+    q [B,H,T,d], keys/values [B,Hkv,m,d], visible bool broadcastable to [B,Hkv,T,m] (None: all),
+    log_phi [B,H,T,R] with ``state`` (None: no state) -> (out [B,H,T,d] in q's dtype, probs
+    [B,Hkv,T,m] or None): ``probs`` is each row's softmax over its visible kept keys alone
+    (without the state: what an accumulating policy adds), summed over the group. A row that
+    sees nothing gets out 0 and probs 0. Rows go in blocks of ``block`` (memory).
+    """
+    b, h, t, d = q.shape
+    hkv, m = keys.shape[1], keys.shape[2]
+    g = h // hkv
+    kf, vf = keys.to(F32), values.to(F32)
+    mean_v = None if state is None else state.mean_values()
+    outs, probs = [], []
+    for a in range(0, t, block):
+        e = min(a + block, t)
+        qg = q[:, :, a:e].to(F32).view(b, hkv, g, e - a, d)
+        s = capped(torch.einsum("bkgtd,bkmd->bkgtm", qg, kf) * default_scale(d, scale), softcap)
+        if visible is not None:
+            vis = visible.expand(b, hkv, t, m)[:, :, None, a:e]
+            s = s.masked_fill(~vis, float("-inf"))
+        if state is not None:
+            s = torch.cat([s, state_logits(log_phi[:, :, a:e], state, hkv)], -1)
+        mx = s.amax(-1, keepdim=True)
+        p = torch.exp(s - torch.where(torch.isfinite(mx), mx, 0.0))
+        den = p.sum(-1, keepdim=True)
+        out = torch.einsum("bkgtm,bkmd->bkgtd", p[..., :m], vf)
+        if state is not None:
+            out = out + torch.einsum("bkgtr,bkrd->bkgtd", p[..., m:], mean_v)
+        outs.append((out / torch.where(den > 0, den, 1.0)).reshape(b, h, e - a, -1))
+        if want_probs:
+            pk = p[..., :m]
+            sk = pk.sum(-1, keepdim=True)
+            probs.append((pk / torch.where(sk > 0, sk, 1.0)).sum(2))
+    out = torch.cat(outs, 2).to(q.dtype)
+    return out, (torch.cat(probs, 2) if want_probs else None)

@@ -1,0 +1,136 @@
+"""What one layer of the evicting cache holds: kept K/V, their positions and scores, the LESS
+state, and (sliding-window layers with a state) the folded keys still inside the window.
+
+Per (b, h_kv): ``keys``/``values`` ``[B,Hkv,m,d]`` (post-RoPE keys, the model's dtype),
+``positions [B,Hkv,m]`` (each kept token's index in its own sequence, ``-1`` = empty slot),
+``acc [B,Hkv,m]`` (fp32 running scores of an accumulating policy), ``state`` (H, z of the
+evicted tokens) and ``fkeys``/``fvalues``/``fpos`` (tokens the policy folded into the state while
+they are still inside the layer's window; they leave it again at row ``j + w``).
+
+Packed form (the steady state, every slot full): ``keys``/``values`` are views of the first
+``cap`` slots of ``kbuf``/``vbuf`` ``[B,Hkv,cap+R,d]``, whose last ``R`` slots are the state's
+virtual keys (key 0, value ``H_r / z_r``), so a decode step writes in place and attends with one
+call; the fold buffer has its fixed capacity ``w - n``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from lessctl.cache.eviction import first_true
+from lessctl.less.state import LowRankState
+
+_TENSORS = ("keys", "values", "positions", "acc", "fkeys", "fvalues", "fpos")
+
+
+def left_pad_counts(attention_mask: Tensor | None) -> Tensor | None:
+    """Padding tokens per sequence of a left-padded mask [B,T] -> [B] long (None: no mask)."""
+    if attention_mask is None:
+        return None
+    m = attention_mask.long()
+    if bool((m[:, 1:] < m[:, :-1]).any()):
+        raise ValueError(
+            "EvictingCache supports left padding only: attention_mask rows must be 0..0 1..1"
+        )
+    return (m == 0).sum(-1)
+
+
+@dataclass
+class KeptStore:
+    """One layer's cache tensors (module doc); ``None`` = not held."""
+
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    acc: Tensor | None = None
+    state: LowRankState | None = None
+    fkeys: Tensor | None = None
+    fvalues: Tensor | None = None
+    fpos: Tensor | None = None
+    kbuf: Tensor | None = None  # packed form only
+    vbuf: Tensor | None = None
+
+    @classmethod
+    def empty(
+        cls, like_k: Tensor, like_v: Tensor, accumulates: bool, rank: int | None
+    ) -> KeptStore:
+        """No token yet, shaped after the first K/V [B,Hkv,T,d]; ``rank``: the state's R."""
+        b, hkv, _, d = like_k.shape
+        dev = like_k.device
+        return cls(
+            keys=like_k.new_zeros(b, hkv, 0, d),
+            values=like_v.new_zeros(b, hkv, 0, like_v.shape[-1]),
+            positions=torch.zeros(b, hkv, 0, dtype=torch.long, device=dev),
+            acc=torch.zeros(b, hkv, 0, device=dev) if accumulates else None,
+            state=None if rank is None else LowRankState.zeros(b, hkv, rank, like_v.shape[-1], dev),
+        )
+
+    @property
+    def packed(self) -> bool:
+        return self.kbuf is not None
+
+    def unpack(self) -> None:
+        """Leave the packed form (the general path reallocates freely)."""
+        self.kbuf = self.vbuf = None
+
+    def pack(self, fold_capacity: int | None) -> None:
+        """Enter the packed form (module doc); ``fold_capacity``: the fold buffer's fixed size."""
+        b, hkv, m, d = self.keys.shape
+        r = 0 if self.state is None else self.state.z.shape[-1]
+        self.kbuf = self.keys.new_zeros(b, hkv, m + r, d)
+        self.vbuf = self.values.new_zeros(b, hkv, m + r, self.values.shape[-1])
+        self.kbuf[:, :, :m] = self.keys
+        self.vbuf[:, :, :m] = self.values
+        self.keys, self.values = self.kbuf[:, :, :m], self.vbuf[:, :, :m]
+        self.positions = self.positions.contiguous()
+        if self.state is not None:
+            self.vbuf[:, :, m:] = self.state.mean_values().to(self.vbuf.dtype)
+        if fold_capacity is not None and self.state is not None:
+            self.fkeys, self.fvalues, self.fpos = _padded_fold(self, fold_capacity)
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor held (the packed buffers count once, not their views)."""
+        held = [getattr(self, n) for n in _TENSORS]
+        if self.packed:
+            held = [self.kbuf, self.vbuf, *held[2:]]
+        out = [x for x in held if x is not None]
+        if self.state is not None:
+            out += [self.state.H, self.state.z]
+        return out
+
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in self.tensors())
+
+    def index_batch(self, idx: Tensor) -> KeptStore:
+        """Sequences ``idx`` [B'] of the batch (a new, unpacked store)."""
+        out = {}
+        for f in fields(self):
+            x = getattr(self, f.name)
+            if f.name in ("kbuf", "vbuf") or x is None:
+                continue
+            out[f.name] = (
+                LowRankState(x.H[idx], x.z[idx]) if f.name == "state" else x.index_select(0, idx)
+            )
+        return KeptStore(**out)
+
+
+def _padded_fold(s: KeptStore, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The fold buffer at a fixed ``capacity`` (empty slots: position -1, K/V 0)."""
+    b, hkv, _, d = s.keys.shape
+    dv = s.values.shape[-1]
+    fk = s.keys.new_zeros(b, hkv, capacity, d)
+    fv = s.values.new_zeros(b, hkv, capacity, dv)
+    fp = torch.full((b, hkv, capacity), -1, dtype=torch.long, device=s.keys.device)
+    if s.fpos is not None:
+        live = s.fpos >= 0
+        size = int(live.sum(-1).max())
+        if size > capacity:
+            raise RuntimeError(f"{size} folded keys inside the window; capacity {capacity}")
+        order = first_true(live, size)
+        fk[:, :, :size] = s.fkeys.gather(2, order[..., None].expand(b, hkv, size, d))
+        fv[:, :, :size] = s.fvalues.gather(2, order[..., None].expand(b, hkv, size, dv))
+        fp[:, :, :size] = s.fpos.gather(-1, order)
+    return fk, fv, fp

@@ -1,0 +1,67 @@
+"""Evaluation-time phi/psi: a trained :class:`~lessctl.less.kernels.LayerKernels` with its weights
+laid out for batched matrix products and psi's constant factors folded (decode steps call these
+once per layer and token, where einsum's planning and six small ops per feature map cost more
+than the arithmetic).
+
+For learned kernels ``psi(k) = | psi0 + (psi0 W_int) * s2 |`` with ``psi0 = |s1| * m(k)`` is
+``| m(k) M |`` with ``M = diag|s1| (I + W_int diag s2)`` ``[Hkv,R,R]``, computed once. Both maps
+are evaluated without dropout, in fp32, whatever the activations' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lessctl.less.kernels import LayerKernels, LearnedKernels
+
+
+def _heads_first(x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """x [B,h,S,d] -> ([h, B*S, d] fp32, (B, S))."""
+    b, h, s, d = x.shape
+    return x.float().transpose(0, 1).reshape(h, b * s, d), (b, s)
+
+
+def _heads_back(y: Tensor, bs: tuple[int, int]) -> Tensor:
+    """[h, B*S, R] -> [B,h,S,R]."""
+    return y.view(y.shape[0], bs[0], bs[1], y.shape[-1]).transpose(0, 1)
+
+
+class FrozenKernels:
+    """``log_phi(q)`` [B,H,S,d] -> [B,H,S,R] and ``psi(k)`` / ``log_psi(k)`` [B,Hkv,S,d] ->
+    [B,Hkv,S,R] of ``kernels`` (module doc); ``linear``: psi is safe to use directly (learned
+    kernels); otherwise (Performer) use ``log_psi``."""
+
+    def __init__(self, kernels: LayerKernels) -> None:
+        self.module, self.cfg = kernels, kernels.cfg
+        net = kernels.net
+        self.linear = isinstance(net, LearnedKernels)
+        if self.linear:
+            with torch.no_grad():
+                self.w1q, self.w2q = net.W1q.detach().float(), net.W2q.detach().float()
+                self.w1k, self.w2k = net.W1k.detach().float(), net.W2k.detach().float()
+                eye = torch.eye(self.cfg.rank, device=net.W_int.device)
+                s1, s2 = net.s1.detach().float().abs(), net.s2.detach().float()
+                self.m = s1[:, :, None] * (eye + net.W_int.detach().float() * s2[:, None, :])
+
+    def _mlp(self, x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
+        xh, bs = _heads_first(x)
+        return _heads_back(F.gelu(torch.bmm(F.gelu(torch.bmm(xh, w1)), w2)), bs)
+
+    def log_phi(self, q: Tensor) -> Tensor:
+        if not self.linear:
+            return self.module.log_phi(q)
+        return torch.log(self._mlp(q, self.w1q, self.w2q).abs())
+
+    def psi(self, k: Tensor) -> Tensor:
+        if not self.linear:
+            return torch.exp(self.module.log_psi(k))
+        kh, bs = _heads_first(k)
+        hidden = F.gelu(torch.bmm(F.gelu(torch.bmm(kh, self.w1k)), self.w2k))
+        return _heads_back(torch.bmm(hidden, self.m).abs(), bs)
+
+    def log_psi(self, k: Tensor) -> Tensor:
+        if not self.linear:
+            return self.module.log_psi(k)
+        return torch.log(self.psi(k))
