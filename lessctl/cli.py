@@ -242,8 +242,9 @@ def eval_(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
 
 @app.command(context_settings=EXTRA)
 def bench(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
-    """Decode latency, tokens/s, KV-cache bytes and peak memory over context lengths
-    (bench.contexts) for full, the policy and LESS, through the real-eviction cache."""
+    """Decode latency, tokens/s, cache bytes, peak memory and prefill cost over context
+    lengths (bench.contexts) for full, the policy and LESS through the real-eviction cache;
+    throughput at equal memory (bench.memory_cap_mb) and a per-phase breakdown of the step."""
     cfg = compose(overrides, print_cfg)
     if cfg is None:
         return

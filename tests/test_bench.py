@@ -21,6 +21,9 @@ def test_bench_rows_cache_bytes_and_peaks_per_method(compose):
         "model.num_attention_heads=8",
         "model.num_key_value_heads=8",
         "bench.contexts=[128,4096]",
+        "bench.prefill_contexts=[]",
+        "bench.throughput_contexts=[]",
+        "bench.breakdown=false",
         "bench.steps=2",
         "bench.warmup=1",
         "policy=lambda",
@@ -31,7 +34,7 @@ def test_bench_rows_cache_bytes_and_peaks_per_method(compose):
     model, tok = load_model(cfg.model, "cpu", seed=0)
     lines: list[str] = []
     rows = bench.run(cfg, model, tok, log=lines.append)
-    assert len(rows) == 3 * 2 * 4
+    assert len(rows) == 3 * 2 * len(bench.METRICS)
     assert {r["metric"] for r in rows} == set(bench.METRICS)
     assert all(r["value"] > 0 and r["task"] == "bench" for r in rows)
     cb = {(r["method"], r["context"]): r["value"] for r in rows if r["metric"] == "cache_bytes"}
@@ -44,7 +47,7 @@ def test_bench_rows_cache_bytes_and_peaks_per_method(compose):
     assert {r["kernels"] for r in less} == {"untrained"} and less[0]["budget"] == 16
     assert {r["trained_budget"] for r in less} == {None}
     assert set(bench.latency_ratios(rows)) == {(128, 1), (4096, 1)}
-    assert any("LESS / baseline" in line for line in lines)
+    assert any("less/baseline" in line for line in lines)
     peak = {
         (r["method"], r["context"]): r["value"] for r in rows if r["metric"] == "peak_mem_bytes"
     }
@@ -58,6 +61,12 @@ def test_bench_rows_and_cache_bytes_in_one_process(compose, tiny_model):
     cfg = compose(
         "model=tiny-random",
         "bench.contexts=[64,128]",
+        "bench.full_max_context=64",
+        "bench.prefill_chunk=32",
+        "bench.prefill_contexts=[512]",
+        "bench.throughput_contexts=[128]",
+        "bench.memory_cap_mb=0.25",
+        "bench.max_batch=64",
         "bench.steps=2",
         "bench.warmup=1",
         "bench.isolate=false",
@@ -65,8 +74,36 @@ def test_bench_rows_and_cache_bytes_in_one_process(compose, tiny_model):
         "policy.budget.size=16",
         "less.hidden=32",
     )
-    rows = bench.run(cfg, model, tok, log=lambda *_: None)
-    assert len(rows) == 3 * 2 * 4 and all(r["value"] > 0 for r in rows)
-    cb = {(r["method"], r["context"]): r["value"] for r in rows if r["metric"] == "cache_bytes"}
-    assert cb[("baseline", 64)] == cb[("baseline", 128)]
-    assert cb[("full", 128)] == (128 + 3) * 2 * 2 * 2 * 16 * 4
+    lines: list[str] = []
+    rows = bench.run(cfg, model, tok, log=lines.append)
+    got = {(r["method"], r["context"], r["metric"]): r["value"] for r in rows}
+    # full only up to full_max_context; every decode row has every metric
+    assert {(m, c) for m, c, _ in got} == {
+        ("full", 64),
+        ("baseline", 64),
+        ("baseline", 128),
+        ("less", 64),
+        ("less", 128),
+        ("less", 512),
+    }
+    for m, c in [("full", 64), ("baseline", 128), ("less", 128)]:
+        assert all(got[(m, c, k)] > 0 for k in bench.METRICS), (m, c)
+    assert ("less", 512, "latency_ms") not in got and got[("less", 512, "prefill_s")] > 0
+    # the evicting caches hold the same bytes whatever the context (prefill included)
+    assert got[("baseline", 64, "cache_bytes")] == got[("baseline", 128, "cache_bytes")]
+    # a 512-token prompt, chunked: at most budget + chunk tokens (16 + 32) plus the state
+    per_token = 2 * 2 * 2 * 16 * 4  # layers x K,V x KV heads x dims x fp32
+    assert got[("less", 512, "cache_bytes")] < (16 + 32 + 8) * per_token
+    assert got[("full", 64, "cache_bytes")] == (64 + 3) * per_token  # + 3 decoded
+    # throughput at equal memory: the batch that fits 0.25 MiB of cache
+    per_seq = got[("baseline", 128, "cache_bytes")]
+    assert got[("baseline", 128, "equal_memory_batch")] == min(64, int(0.25 * 2**20 // per_seq))
+    assert got[("baseline", 128, "equal_memory_tokens_per_s")] > 0
+    assert ("full", 64, "equal_memory_batch") not in got  # 64 is not a throughput context
+    # the step's phases, LESS only for the state's
+    assert (
+        got[("less", 128, "step_state_update_us")] > 0 and got[("less", 128, "step_total_us")] > 0
+    )
+    assert got[("baseline", 128, "step_state_update_us")] == 0
+    assert any("less/baseline" in line for line in lines)
+    assert any("prefill less context 512" in line for line in lines)

@@ -51,6 +51,7 @@ class EvictingLayer(CacheLayerMixin):
         self.seen, self.pending, self.steady = 0, False, False
         self.window: int | None = None
         self.softcap: float | None = None
+        self.scale: float | None = None
 
     # ---- the store's tensors, by name ---------------------------------------------------------
     def _get(self, name: str):
@@ -154,7 +155,7 @@ class EvictingLayer(CacheLayerMixin):
         if not self.pending:
             raise RuntimeError("EvictingCache attention called without a cache update")
         self.pending = False
-        self.window, self.softcap = window, softcap
+        self.window, self.softcap, self.scale = window, softcap, scale
         t = q.shape[2]
         if t == 1 and self.steady:
             out = steady_step(

@@ -1,0 +1,194 @@
+"""`lessctl bench`: decode latency, tokens/s, cache bytes, peak memory, prefill cost, throughput
+at equal memory and a per-phase breakdown of the decode step, over contexts.
+
+For every context (``bench.contexts``; ``full`` only up to ``bench.full_max_context``), batch
+size (``bench.batch_sizes``) and method, measured alone (:func:`isolated_measure`: on CUDA in
+this process with the device's peak counters reset, elsewhere in a fresh spawned process;
+``bench.isolate=false`` measures in this process), a seeded random prompt is prefilled in
+forwards of ``bench.prefill_chunk`` tokens (:mod:`lessctl.bench.measure`):
+
+- ``full``: a library ``DynamicCache``, transformers' own SDPA attention;
+- ``baseline``: the configured policy on the evicting cache, ``chunked`` protocol (the cache
+  never holds more than budget + chunk tokens, so prefill memory is flat in the context);
+- ``less``: the policy plus phi/psi kernels (trained via ``methods.load_less`` when a checkpoint
+  exists, refused like ``eval`` when one of another budget does; untrained ones of the
+  configured rank/hidden when there is none: the same cost; rows ``kernels``,
+  ``trained_budget``, ``transfer``).
+
+Then ``bench.warmup`` greedy steps (the first brings an evicting cache down to its budget) and
+``bench.steps`` timed ones (median per-token latency; CUDA: the device's event timers).
+Metrics per row: ``latency_ms``, ``tokens_per_s``, ``cache_bytes`` (every cache tensor, state
+included), ``peak_mem_bytes`` (over the timed steps: ``torch.cuda.max_memory_allocated`` on
+CUDA, else the process's peak resident set, model weights included), ``prefill_s``,
+``prefill_peak_mem_bytes``; for evicting methods ``step_<phase>_us`` (layer 0's steady step
+timed per phase, :mod:`lessctl.bench.breakdown`); at ``bench.throughput_contexts``
+``equal_memory_batch`` / ``equal_memory_tokens_per_s``: the largest batch whose cache fits
+``bench.memory_cap_mb`` (at most ``bench.max_batch``) and its decode throughput (the prefilled
+cache replicated over the batch; prefill not counted). ``bench.prefill_contexts``: prefill-only
+rows for ``less`` (a prompt longer than memory would allow unchunked).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from lessctl.bench.measure import bench_kernels, decode_steps, measure
+from lessctl.bench.memory import in_fresh_process, peak_memory, reset_peak, return_freed_memory
+from lessctl.errors import LessctlError
+from lessctl.models import attention_geometry
+from lessctl.policies.budget import build_policy
+
+__all__ = ["METRICS", "decode_steps", "latency_ratios", "peak_memory", "reset_peak", "run"]
+
+BENCH_METHODS = ("full", "baseline", "less")
+METRICS = (
+    "latency_ms",
+    "tokens_per_s",
+    "cache_bytes",
+    "peak_mem_bytes",
+    "prefill_s",
+    "prefill_peak_mem_bytes",
+)
+
+
+def _measure_in_fresh_process(cfg_dict: dict, name: str, context: int, batch: int, decode: bool):
+    """`measure` in this (spawned) process with its own copy of the model."""
+    from omegaconf import OmegaConf
+
+    from lessctl.config import resolve_dtype
+    from lessctl.models import load_model
+
+    torch.set_num_threads(int(cfg_dict.pop("_threads")))
+    return_freed_memory()
+    cfg = OmegaConf.create(cfg_dict)
+    device = torch.device("cpu")
+    model, _ = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device), seed=cfg.seed)
+    return measure(cfg, model, name, context, batch, decode)
+
+
+def isolated_measure(
+    cfg: DictConfig, model, name: str, context: int, batch: int, decode: bool = True
+) -> dict:
+    """`measure` with this method's memory alone: on CUDA in this process (peak counters reset
+    per method), elsewhere in a fresh spawned process (memory freed by an earlier prefill or
+    method stays in a process's resident set). `bench.isolate=false`: all in this process
+    (faster; CPU peaks then only grow)."""
+    if model.device.type == "cuda" or not cfg.bench.get("isolate", True):
+        return measure(cfg, model, name, context, batch, decode)
+    from omegaconf import OmegaConf
+
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    cfg_dict["_threads"] = torch.get_num_threads()
+    return in_fresh_process(_measure_in_fresh_process, cfg_dict, name, context, batch, decode)
+
+
+def _check(cfg: DictConfig, model, names: list[str], context: int) -> None:
+    """Refuse a bad budget (or a mismatched checkpoint) before any process starts."""
+    geo = attention_geometry(model)
+    policy = build_policy(
+        cfg.policy, seq_len=context, max_position_embeddings=geo["max_position_embeddings"]
+    )
+    if policy.budget is None and any(n != "full" for n in names):
+        raise LessctlError("bench needs an evicting policy (policy.name != full) for baseline/less")
+    if "less" in names:
+        bench_kernels(cfg, geo, "cpu", policy)
+
+
+def run(cfg: DictConfig, model, tokenizer, log=print) -> list[dict[str, Any]]:
+    """Rows {task: bench, model, method, policy, budget, context, batch_size, prefill_chunk,
+    kernels, trained_budget, transfer, metric, value} (module doc)."""
+    b = cfg.bench
+    names = list(b.methods)
+    bad = [n for n in names if n not in BENCH_METHODS]
+    if bad:
+        raise LessctlError(
+            f"unknown bench.methods entry {bad[0]!r}; allowed: {', '.join(BENCH_METHODS)}"
+        )
+    full_max = int(b.full_max_context)
+    plan = [
+        (c, bs, n, True)
+        for c in [int(x) for x in b.contexts]
+        for bs in [int(x) for x in b.batch_sizes]
+        for n in names
+        if n != "full" or c <= full_max
+    ]
+    if "less" in names:
+        plan += [(int(c), 1, "less", False) for c in b.prefill_contexts]
+    for c in sorted({p[0] for p in plan}):
+        _check(cfg, model, names, c)
+    rows: list[dict[str, Any]] = []
+    for context, batch, name, decode in plan:
+        t0 = time.perf_counter()
+        got = isolated_measure(cfg, model, name, context, batch, decode)
+        base = {
+            "task": "bench",
+            "model": cfg.model.name,
+            "method": name,
+            "policy": "full" if name == "full" else cfg.policy.name,
+            "budget": got["budget"],
+            "context": context,
+            "batch_size": batch,
+            "prefill_chunk": int(b.prefill_chunk),
+            "memory_cap_mb": float(b.memory_cap_mb),
+            "kernels": None,
+            "trained_budget": None,
+            "transfer": None,
+            **got["cols"],
+        }
+        rows += [{**base, "metric": k, "value": float(v)} for k, v in got["values"].items()]
+        what = "decode" if decode else "prefill only"
+        log(f"{name} context {context} batch {batch} ({what}): {time.perf_counter() - t0:.1f}s")
+    for line in summary(rows):
+        log(line)
+    return rows
+
+
+def _by(rows: list[dict], metric: str) -> dict[tuple[int, int, str], float]:
+    return {
+        (r["context"], r["batch_size"], r["method"]): r["value"]
+        for r in rows
+        if r["metric"] == metric
+    }
+
+
+def latency_ratios(rows: list[dict[str, Any]]) -> dict[tuple[int, int], float]:
+    """LESS latency / baseline latency per (context, batch size) from bench rows."""
+    lat = _by(rows, "latency_ms")
+    return {
+        (c, bs): v / lat[(c, bs, "baseline")]
+        for (c, bs, m), v in lat.items()
+        if m == "less" and (c, bs, "baseline") in lat
+    }
+
+
+def summary(rows: list[dict[str, Any]]) -> list[str]:
+    """A table of the decode rows and the ratios measured in this run."""
+    lat, tps, cb = _by(rows, "latency_ms"), _by(rows, "tokens_per_s"), _by(rows, "cache_bytes")
+    peak, eq = _by(rows, "peak_mem_bytes"), _by(rows, "equal_memory_tokens_per_s")
+    eqb = _by(rows, "equal_memory_batch")
+    out = [
+        f"{'context':>8} {'batch':>5} {'method':>9} {'ms/token':>9} {'tokens/s':>9} "
+        f"{'cache MiB':>10} {'peak MiB':>9} {'eq-mem batch':>12} {'eq-mem tok/s':>12}"
+    ]
+    for key in sorted(lat):
+        c, bs, m = key
+        eqs = f"{int(eqb[key]):>12} {eq[key]:>12.1f}" if key in eq else f"{'-':>12} {'-':>12}"
+        out.append(
+            f"{c:>8} {bs:>5} {m:>9} {lat[key]:>9.2f} {tps[key]:>9.1f} {cb[key] / 2**20:>10.2f} "
+            f"{peak[key] / 2**20:>9.0f} {eqs}"
+        )
+    for c, bs in sorted({(c, bs) for c, bs, _ in lat}):
+        ratios = []
+        for num, den in (("less", "baseline"), ("baseline", "full"), ("less", "full")):
+            if (c, bs, num) in lat and (c, bs, den) in lat:
+                ratios.append(f"{num}/{den} = {lat[(c, bs, num)] / lat[(c, bs, den)]:.2f}")
+        if ratios:
+            out.append(f"context {c} batch {bs}: latency " + ", ".join(ratios))
+    pre = _by(rows, "prefill_peak_mem_bytes")
+    for (c, bs, m), v in sorted(pre.items()):
+        out.append(f"prefill {m} context {c} batch {bs}: peak {v / 2**20:.0f} MiB")
+    return out

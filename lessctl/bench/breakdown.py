@@ -1,0 +1,70 @@
+"""Where a steady decode step's time goes, per phase of :func:`~lessctl.cache.step.steady_step`:
+the policy's choice, the state update (psi, fold, release), writing the new key, the state read
+(log phi and the virtual keys' logits) and the attention. Each phase is timed alone on a copy of
+one layer's packed store (median over repetitions), and so is the whole step."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+from lessctl.cache.layer import EvictingLayer
+from lessctl.cache.step import (
+    attend,
+    choose_slot,
+    read_state,
+    steady_step,
+    update_state,
+    write_slot,
+)
+from lessctl.policies.base import default_scale
+
+PHASES = ("policy", "state_update", "write", "state_read", "attention", "total")
+
+
+def _median_us(fn, device: torch.device, reps: int) -> float:
+    times = []
+    for i in range(reps + 3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+@torch.no_grad()
+def step_breakdown(layer: EvictingLayer, num_heads: int, reps: int = 50) -> dict[str, float]:
+    """Median microseconds per phase (``PHASES``) of one steady step of ``layer`` (in the
+    steady state), on random inputs of the layer's shapes and dtype."""
+    s = copy.deepcopy(layer.store)
+    b, hkv, _, d = s.keys.shape
+    dev, dt = s.keys.device, s.keys.dtype
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(b, num_heads, 1, d, device=dev, dtype=dt, generator=gen)
+    k = torch.randn(b, hkv, 1, d, device=dev, dtype=dt, generator=gen)
+    v = torch.randn(b, hkv, 1, d, device=dev, dtype=dt, generator=gen)
+    policy, kern, window, softcap = layer.policy, layer.frozen, layer.window, layer.softcap
+    scale = layer.scale
+    t = layer.seen - layer.pads
+    tt, qg = t.view(b, 1, 1), q.view(b, hkv, num_heads // hkv, d)
+    sc = default_scale(d, scale)
+    slot, folded, lo, ln = choose_slot(qg, k, tt, s, policy, window, sc, softcap)
+    lr = None if s.state is None else read_state(q, s, kern)
+    out = {
+        "policy": lambda: choose_slot(qg, k, tt, s, policy, window, sc, softcap),
+        "state_update": None
+        if s.state is None
+        else (lambda: update_state(s, kern, slot, folded, tt, window)),
+        "write": lambda: write_slot(s, slot, k, v, tt),
+        "state_read": None if s.state is None else (lambda: read_state(q, s, kern)),
+        "attention": lambda: attend(qg, s, policy, slot, lo, ln, lr, sc, softcap),
+        "total": lambda: steady_step(q, k, v, t, s, policy, kern, scale, window, softcap),
+    }
+    return {name: 0.0 if fn is None else _median_us(fn, dev, reps) for name, fn in out.items()}

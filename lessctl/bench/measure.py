@@ -1,0 +1,177 @@
+"""One method at one context, alone: prefill, decode latency, memory, and throughput at a memory
+cap (module doc of :mod:`lessctl.bench`)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from transformers.cache_utils import DynamicCache
+
+from lessctl.bench.breakdown import step_breakdown
+from lessctl.bench.memory import peak_memory, reset_peak
+from lessctl.cache import EvictingCache, cache_nbytes
+from lessctl.errors import LessctlError
+from lessctl.less.kernels import KernelConfig, LayerKernels
+from lessctl.methods import CheckpointNotFound, load_less
+from lessctl.models import attention_geometry
+from lessctl.policies.base import Policy
+from lessctl.policies.budget import build_policy
+
+
+def bench_kernels(
+    cfg: DictConfig, geo: dict[str, int], device, policy: Policy
+) -> tuple[dict[int, LayerKernels], dict[str, Any]]:
+    """Trained kernels if a checkpoint matches (a mismatched one is refused as in eval), else,
+    when none exists at all, untrained ones of the same shape and cost -> (kernels, columns)."""
+    try:
+        ck = load_less(cfg, geo, device, policy)
+        cols = {"kernels": "trained", "trained_budget": ck.trained_budget, "transfer": ck.transfer}
+        return ck.kernels, cols
+    except CheckpointNotFound:
+        kc = KernelConfig(
+            num_heads=geo["num_heads"],
+            num_kv_heads=geo["num_kv_heads"],
+            head_dim=geo["head_dim"],
+            rank=int(cfg.less.rank),
+            hidden=int(cfg.less.hidden),
+            dropout=0.0,
+            init_scale=float(cfg.less.init_scale),
+            kind=str(cfg.less.kind),
+        )
+        kernels = {i: LayerKernels(kc).to(device).eval() for i in range(geo["num_layers"])}
+        return kernels, {"kernels": "untrained", "trained_budget": None, "transfer": None}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_steps(
+    model, cache, ctx, first: torch.Tensor, warmup: int, steps: int, on_timed=None
+) -> list[float]:
+    """Greedy single-token steps from ``first`` [B,1]; seconds of each timed step;
+    ``on_timed()`` runs once between the warm-up and the timed steps. On CUDA each step is
+    timed by the device's events (no synchronisation between steps)."""
+    dev = first.device
+    cuda = dev.type == "cuda"
+    x, marks = first, []
+    with ctx, torch.no_grad():
+        for i in range(warmup + steps):
+            if i == warmup and on_timed is not None:
+                on_timed()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+                start.record()
+            else:
+                t0 = time.perf_counter()
+            logits = model(x, cache=cache, use_cache=True, logits_to_keep=1).logits
+            x = logits[:, -1].argmax(-1, keepdim=True)
+            if i < warmup:
+                continue
+            if cuda:
+                end.record()
+                marks.append((start, end))
+            else:
+                marks.append(time.perf_counter() - t0)
+    if cuda:
+        torch.cuda.synchronize(dev)
+        return [s.elapsed_time(e) / 1e3 for s, e in marks]
+    return marks
+
+
+def make_cache(model, name: str, policy: Policy, kernels, chunk: int):
+    """-> (cache, context manager to run the model in): full = a library ``DynamicCache`` with
+    the model's own attention; baseline/less = the evicting cache, chunked protocol."""
+    if name == "full":
+        return DynamicCache(config=model.config), nullcontext()
+    cache = EvictingCache.for_model(
+        model, policy, kernels if name == "less" else None, protocol="chunked", chunk=chunk
+    )
+    return cache, cache.attached(model)
+
+
+def prefill(model, cache, ctx, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The prompt ids [B,T] in forwards of ``chunk`` tokens -> the next token [B,1]."""
+    with ctx, torch.no_grad():
+        for a in range(0, ids.shape[1], chunk):
+            logits = model(
+                ids[:, a : a + chunk], cache=cache, use_cache=True, logits_to_keep=1
+            ).logits
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
+def measure(
+    cfg: DictConfig, model, name: str, context: int, batch: int, decode: bool = True
+) -> dict[str, Any]:
+    """One method at one context and batch size (module doc of :mod:`lessctl.bench`)
+    -> {values, budget, cols}."""
+    b = cfg.bench
+    geo = attention_geometry(model)
+    device = model.device
+    policy = build_policy(
+        cfg.policy, seq_len=context, max_position_embeddings=geo["max_position_embeddings"]
+    )
+    if policy.budget is None and name != "full":
+        raise LessctlError("bench needs an evicting policy (policy.name != full) for baseline/less")
+    kernels, cols = (None, {})
+    if name == "less":
+        kernels, cols = bench_kernels(cfg, geo, device, policy)
+    chunk = int(b.prefill_chunk)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
+    cache, ctx = make_cache(model, name, policy, kernels, chunk)
+    reset_peak(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    first = prefill(model, cache, ctx, ids, chunk)
+    _sync(device)
+    values: dict[str, float] = {
+        "prefill_s": time.perf_counter() - t0,
+        "prefill_peak_mem_bytes": peak_memory(device),
+    }
+    if not decode:
+        return {
+            "values": {**values, "cache_bytes": cache_nbytes(cache)},
+            "cols": cols,
+            "budget": None if name == "full" else policy.budget,
+        }
+    ctx = nullcontext() if name == "full" else cache.attached(model)
+    times = decode_steps(
+        model, cache, ctx, first, int(b.warmup), int(b.steps), on_timed=lambda: reset_peak(device)
+    )
+    lat = statistics.median(times) * 1e3
+    values |= {
+        "latency_ms": lat,
+        "tokens_per_s": batch / (lat / 1e3),
+        "cache_bytes": cache_nbytes(cache),
+        "peak_mem_bytes": peak_memory(device),
+    }
+    if name != "full" and b.breakdown and batch == 1:
+        layer = cache.layers[0]
+        phases = step_breakdown(layer, geo["num_heads"])
+        values |= {f"step_{k}_us": v for k, v in phases.items()}
+    if context in [int(c) for c in b.throughput_contexts] and batch == 1:
+        values |= equal_memory(cfg, model, name, cache, first, values["cache_bytes"])
+    return {"values": values, "budget": None if name == "full" else policy.budget, "cols": cols}
+
+
+def equal_memory(cfg: DictConfig, model, name: str, cache, first, per_seq: float) -> dict:
+    """Throughput at a memory cap: the largest batch whose cache fits ``bench.memory_cap_mb``
+    (at most ``bench.max_batch``), this one prefilled sequence's cache replicated, timed as
+    above -> {equal_memory_batch, equal_memory_tokens_per_s}."""
+    b = cfg.bench
+    fit = min(int(b.max_batch), int(float(b.memory_cap_mb) * 2**20 // per_seq))
+    if fit < 1:
+        return {"equal_memory_batch": 0, "equal_memory_tokens_per_s": 0.0}
+    cache.batch_repeat_interleave(fit)
+    ctx = nullcontext() if name == "full" else cache.attached(model)
+    times = decode_steps(model, cache, ctx, first.repeat_interleave(fit, 0), 2, int(b.steps))
+    lat = statistics.median(times)
+    return {"equal_memory_batch": fit, "equal_memory_tokens_per_s": fit / lat}
