@@ -5,7 +5,8 @@ For every context (``bench.contexts``; ``full`` only up to ``bench.full_max_cont
 size (``bench.batch_sizes``) and method, measured alone (:func:`isolated_measure`: on CUDA in
 this process with the device's peak counters reset, elsewhere in a fresh spawned process;
 ``bench.isolate=false`` measures in this process), a seeded random prompt is prefilled in
-forwards of ``bench.prefill_chunk`` tokens (:mod:`lessctl.bench.measure`):
+forwards of ``bench.prefill_chunk`` tokens (:mod:`lessctl.bench.measure`; LESS on a model with
+sliding-window layers prefills in one forward, prompt protocol, and gets no prefill-only rows):
 
 - ``full``: a library ``DynamicCache``, transformers' own SDPA attention;
 - ``baseline``: the configured policy on the evicting cache, ``chunked`` protocol (the cache
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from lessctl.bench.measure import bench_kernels, decode_steps, measure
+from lessctl.bench.measure import bench_kernels, chunked_prefill_ok, decode_steps, measure
 from lessctl.bench.memory import in_fresh_process, peak_memory, reset_peak, return_freed_memory
 from lessctl.errors import LessctlError
 from lessctl.models import attention_geometry
@@ -116,8 +117,11 @@ def run(cfg: DictConfig, model, tokenizer, log=print) -> list[dict[str, Any]]:
         for n in names
         if n != "full" or c <= full_max
     ]
-    if "less" in names:
-        plan += [(int(c), 1, "less", False) for c in b.prefill_contexts]
+    if "less" in names and b.prefill_contexts:
+        if chunked_prefill_ok(model, "less"):
+            plan += [(int(c), 1, "less", False) for c in b.prefill_contexts]
+        else:
+            log("no prefill-only rows: LESS cannot prefill in chunks on sliding-window layers")
     for c in sorted({p[0] for p in plan}):
         _check(cfg, model, names, c)
     rows: list[dict[str, Any]] = []

@@ -1,6 +1,7 @@
 """Where a steady decode step's time goes, per phase of :func:`~lessctl.cache.step.steady_step`:
-the policy's choice, the state update (psi, fold, release), writing the new key, the state read
-(log phi and the virtual keys' logits) and the attention. Each phase is timed alone on a copy of
+the policy's choice, the feature maps (log phi of the query, psi of the freed key), the state
+update (fold, release), writing the new key, the state read (the virtual keys' logits) and the
+attention. Each phase is timed alone on a copy of
 one layer's packed store (median over repetitions), and so is the whole step."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from lessctl.cache.layer import EvictingLayer
 from lessctl.cache.step import (
     attend,
     choose_slot,
+    features,
     read_state,
     steady_step,
     update_state,
@@ -22,7 +24,7 @@ from lessctl.cache.step import (
 )
 from lessctl.policies.base import default_scale
 
-PHASES = ("policy", "state_update", "write", "state_read", "attention", "total")
+PHASES = ("policy", "features", "state_update", "write", "state_read", "attention", "total")
 
 
 def _median_us(fn, device: torch.device, reps: int) -> float:
@@ -56,14 +58,18 @@ def step_breakdown(layer: EvictingLayer, num_heads: int, reps: int = 50) -> dict
     tt, qg = t.view(b, 1, 1), q.view(b, hkv, num_heads // hkv, d)
     sc = default_scale(d, scale)
     slot, folded, lo, ln = choose_slot(qg, k, tt, s, policy, window, sc, softcap)
-    lr = None if s.state is None else read_state(q, s, kern)
+    lr = feats = None
+    if s.state is not None:
+        feats = features(q, s, kern, slot)
+        lr = read_state(feats[0], s)
     out = {
         "policy": lambda: choose_slot(qg, k, tt, s, policy, window, sc, softcap),
+        "features": None if feats is None else (lambda: features(q, s, kern, slot)),
         "state_update": None
-        if s.state is None
-        else (lambda: update_state(s, kern, slot, folded, tt, window)),
+        if feats is None
+        else (lambda: update_state(s, kern, slot, folded, tt, window, feats[1:])),
         "write": lambda: write_slot(s, slot, k, v, tt),
-        "state_read": None if s.state is None else (lambda: read_state(q, s, kern)),
+        "state_read": None if feats is None else (lambda: read_state(feats[0], s)),
         "attention": lambda: attend(qg, s, policy, slot, lo, ln, lr, sc, softcap),
         "total": lambda: steady_step(q, k, v, t, s, policy, kern, scale, window, softcap),
     }

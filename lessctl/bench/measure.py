@@ -16,6 +16,7 @@ from lessctl.bench.breakdown import step_breakdown
 from lessctl.bench.memory import peak_memory, reset_peak
 from lessctl.cache import EvictingCache, cache_nbytes
 from lessctl.errors import LessctlError
+from lessctl.hooks import check_supported
 from lessctl.less.kernels import KernelConfig, LayerKernels
 from lessctl.methods import CheckpointNotFound, load_less
 from lessctl.models import attention_geometry
@@ -85,19 +86,31 @@ def decode_steps(
     return marks
 
 
+def chunked_prefill_ok(model, name: str) -> bool:
+    """Whether ``name`` can prefill in chunks: not LESS on a model with sliding-window layers
+    (the cache refuses that: a folded key may leave the window inside a chunk)."""
+    return name != "less" or not any(v["window"] for v in check_supported(model))
+
+
 def make_cache(model, name: str, policy: Policy, kernels, chunk: int):
-    """-> (cache, context manager to run the model in): full = a library ``DynamicCache`` with
-    the model's own attention; baseline/less = the evicting cache, chunked protocol."""
+    """-> (cache, context manager to run the model in, prefill chunk): full = a library
+    ``DynamicCache`` with the model's own attention, prefilled ``chunk`` tokens per forward;
+    baseline/less = the evicting cache, chunked protocol (LESS on a sliding-window model: the
+    prompt protocol, one forward)."""
     if name == "full":
-        return DynamicCache(config=model.config), nullcontext()
-    cache = EvictingCache.for_model(
-        model, policy, kernels if name == "less" else None, protocol="chunked", chunk=chunk
-    )
-    return cache, cache.attached(model)
+        return DynamicCache(config=model.config), nullcontext(), chunk
+    kern = kernels if name == "less" else None
+    if not chunked_prefill_ok(model, name):
+        cache = EvictingCache.for_model(model, policy, kern, protocol="prompt")
+        return cache, cache.attached(model), None
+    cache = EvictingCache.for_model(model, policy, kern, protocol="chunked", chunk=chunk)
+    return cache, cache.attached(model), chunk
 
 
-def prefill(model, cache, ctx, ids: torch.Tensor, chunk: int) -> torch.Tensor:
-    """The prompt ids [B,T] in forwards of ``chunk`` tokens -> the next token [B,1]."""
+def prefill(model, cache, ctx, ids: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """The prompt ids [B,T] in forwards of ``chunk`` tokens (None: one) -> the next token
+    [B,1]."""
+    chunk = chunk or ids.shape[1]
     with ctx, torch.no_grad():
         for a in range(0, ids.shape[1], chunk):
             logits = model(
@@ -126,7 +139,7 @@ def measure(
     vocab = model.config.get_text_config(decoder=True).vocab_size
     gen = torch.Generator().manual_seed(int(cfg.seed))
     ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
-    cache, ctx = make_cache(model, name, policy, kernels, chunk)
+    cache, ctx, chunk = make_cache(model, name, policy, kernels, chunk)
     reset_peak(device)
     _sync(device)
     t0 = time.perf_counter()

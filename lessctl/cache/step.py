@@ -91,6 +91,14 @@ def choose_slot(
     return slot, folded, lo, ln
 
 
+def features(q: Tensor, s: KeptStore, kernels: FrozenKernels, slot: Tensor):
+    """Phase 2b: log phi of the row's query and psi of the key in ``slot``, with its K/V:
+    -> (log_phi [B,H,1,R], psi [B,Hkv,1,R], k_ev, v_ev [B,Hkv,1,d])."""
+    k_ev, v_ev = _gather_slot(s.keys, slot), _gather_slot(s.values, slot)
+    log_phi, psi = kernels.log_phi_and_psi(q, k_ev)
+    return log_phi, psi, k_ev, v_ev
+
+
 def update_state(
     s: KeptStore,
     kernels: FrozenKernels,
@@ -98,9 +106,10 @@ def update_state(
     folded: Tensor | None,
     tt: Tensor,
     window: int | None,
+    freed: tuple[Tensor, Tensor, Tensor],
 ) -> None:
-    """Phases 1-2, the state: the folded key ``t - w`` leaves it, the freed key (where
-    ``folded``) enters it, and the virtual keys' values follow."""
+    """Phases 1-2, the state: the folded key ``t - w`` leaves it, the freed key (``freed`` =
+    its psi, K, V; where ``folded``) enters it, and the virtual keys' values follow."""
     state, cap = s.state, s.positions.shape[-1]
     if window is not None and s.fpos is not None:  # the folded key t - w leaves
         gone_f = (s.fpos == tt - window) & (s.fpos >= 0)
@@ -109,8 +118,8 @@ def update_state(
         k_rel, v_rel = _gather_slot(s.fkeys, rel), _gather_slot(s.fvalues, rel)
         unfold(state, kernels, k_rel, v_rel, has_rel)
         _put(s.fpos, rel, torch.full_like(rel, -1), has_rel)
-    k_ev, v_ev = _gather_slot(s.keys, slot), _gather_slot(s.values, slot)
-    absorb(state, kernels, k_ev, v_ev, folded)
+    psi, k_ev, v_ev = freed
+    absorb(state, kernels, k_ev, v_ev, folded, psi)
     if window is not None and s.fpos is not None:  # remember it until it leaves the window
         free = (s.fpos < 0).long().argmax(-1, keepdim=True)
         _put(s.fkeys, free, k_ev, folded)
@@ -128,10 +137,10 @@ def write_slot(s: KeptStore, slot: Tensor, k: Tensor, v: Tensor, tt: Tensor) -> 
         _put(s.acc, slot, torch.zeros_like(slot, dtype=s.acc.dtype))
 
 
-def read_state(q: Tensor, s: KeptStore, kernels: FrozenKernels) -> Tensor:
-    """Phase 4a: the virtual keys' logits ``log phi_r(q) + log z_r``: q [B,H,1,d] ->
+def read_state(log_phi: Tensor, s: KeptStore) -> Tensor:
+    """Phase 4a: the virtual keys' logits ``log phi_r(q) + log z_r``: log_phi [B,H,1,R] ->
     [B,Hkv,g,R] fp32."""
-    return state_logits(kernels.log_phi(q), s.state, s.keys.shape[1])[:, :, :, 0]
+    return state_logits(log_phi, s.state, s.keys.shape[1])[:, :, :, 0]
 
 
 def attend(
@@ -153,8 +162,11 @@ def attend(
     values = s.values if lr is None else s.vbuf
     if not (policy.accumulates or softcap is not None or lo is not None):  # one SDPA call
         bias = None
-        if lr is not None:
-            bias = torch.cat([lr.new_zeros(b, hkv, g, cap), lr], -1).to(qg.dtype)
+        if lr is not None:  # zeros for the kept keys, the virtual keys' logits after them
+            if s.bias is None or s.bias.shape[2] != g:
+                s.bias = qg.new_zeros(b, hkv, g, cap + lr.shape[-1])
+            s.bias[..., cap:] = lr
+            bias = s.bias
         return F.scaled_dot_product_attention(qg, keys, values, attn_mask=bias, scale=sc)
     if lo is not None:  # TOVA: the candidates' logits with the evicted one replaced
         lo = lo.scatter(-1, slot[:, :, None].expand(b, hkv, g, 1), ln)
@@ -188,9 +200,11 @@ def steady_step(
     tt = t.view(b, 1, 1)
     qg = q.view(b, hkv, h // hkv, d)
     slot, folded, lo, ln = choose_slot(qg, k, tt, s, policy, window, sc, softcap)
-    folds = s.state is not None and not (window is not None and window <= policy.budget)
-    if folds:
-        update_state(s, kernels, slot, folded, tt, window)
+    lr = None
+    if s.state is not None:
+        log_phi, psi, k_ev, v_ev = features(q, s, kernels, slot)
+        if not (window is not None and window <= policy.budget):  # else nothing is folded
+            update_state(s, kernels, slot, folded, tt, window, (psi, k_ev, v_ev))
+        lr = read_state(log_phi, s)
     write_slot(s, slot, k, v, tt)
-    lr = None if s.state is None else read_state(q, s, kernels)
     return attend(qg, s, policy, slot, lo, ln, lr, sc, softcap).reshape(b, h, 1, -1)

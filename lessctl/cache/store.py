@@ -52,6 +52,7 @@ class KeptStore:
     fpos: Tensor | None = None
     kbuf: Tensor | None = None  # packed form only
     vbuf: Tensor | None = None
+    bias: Tensor | None = None  # packed, with a state: additive logits [B,Hkv,g,cap+R]
 
     @classmethod
     def empty(
@@ -74,7 +75,7 @@ class KeptStore:
 
     def unpack(self) -> None:
         """Leave the packed form (the general path reallocates freely)."""
-        self.kbuf = self.vbuf = None
+        self.kbuf = self.vbuf = self.bias = None
 
     def pack(self, fold_capacity: int | None) -> None:
         """Enter the packed form (module doc); ``fold_capacity``: the fold buffer's fixed size."""
@@ -95,7 +96,7 @@ class KeptStore:
         """Every tensor held (the packed buffers count once, not their views)."""
         held = [getattr(self, n) for n in _TENSORS]
         if self.packed:
-            held = [self.kbuf, self.vbuf, *held[2:]]
+            held = [self.kbuf, self.vbuf, *held[2:], self.bias]
         out = [x for x in held if x is not None]
         if self.state is not None:
             out += [self.state.H, self.state.z]
@@ -109,7 +110,7 @@ class KeptStore:
         out = {}
         for f in fields(self):
             x = getattr(self, f.name)
-            if f.name in ("kbuf", "vbuf") or x is None:
+            if f.name in ("kbuf", "vbuf", "bias") or x is None:
                 continue
             out[f.name] = (
                 LowRankState(x.H[idx], x.z[idx]) if f.name == "state" else x.index_select(0, idx)

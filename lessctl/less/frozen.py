@@ -44,6 +44,9 @@ class FrozenKernels:
                 eye = torch.eye(self.cfg.rank, device=net.W_int.device)
                 s1, s2 = net.s1.detach().float().abs(), net.s2.detach().float()
                 self.m = s1[:, :, None] * (eye + net.W_int.detach().float() * s2[:, None, :])
+                # phi's and psi's MLPs side by side: one decode step evaluates both at once
+                self.w1 = torch.cat([self.w1q, self.w1k])
+                self.w2 = torch.cat([self.w2q, self.w2k])
 
     def _mlp(self, x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
         xh, bs = _heads_first(x)
@@ -60,6 +63,18 @@ class FrozenKernels:
         kh, bs = _heads_first(k)
         hidden = F.gelu(torch.bmm(F.gelu(torch.bmm(kh, self.w1k)), self.w2k))
         return _heads_back(torch.bmm(hidden, self.m).abs(), bs)
+
+    def log_phi_and_psi(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """``(log_phi(q), psi(k))`` for one row each: q [B,H,1,d], k [B,Hkv,1,d] (learned
+        kernels: both MLPs in one pair of batched products)."""
+        if not self.linear:
+            return self.log_phi(q), self.psi(k)
+        h = q.shape[1]
+        qh, bs = _heads_first(q)
+        kh, _ = _heads_first(k)
+        hidden = F.gelu(torch.bmm(F.gelu(torch.bmm(torch.cat([qh, kh]), self.w1)), self.w2))
+        log_phi = torch.log(_heads_back(hidden[:h], bs).abs())
+        return log_phi, _heads_back(torch.bmm(hidden[h:], self.m).abs(), bs)
 
     def log_psi(self, k: Tensor) -> Tensor:
         if not self.linear:

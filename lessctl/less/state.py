@@ -43,7 +43,7 @@ class LowRankState:
         w = psi_k.to(F32)
         if mask is not None:
             w = w * mask[..., None]
-        self.H = self.H + torch.einsum("bknr,bknd->bkrd", w, v.to(F32))
+        self.H = self.H + w.transpose(-1, -2) @ v.to(F32)
         self.z = self.z + w.sum(2)
         return self
 
@@ -52,7 +52,7 @@ class LowRankState:
         w = psi_k.to(F32)
         if mask is not None:
             w = w * mask[..., None]
-        self.H = self.H - torch.einsum("bknr,bknd->bkrd", w, v.to(F32))
+        self.H = self.H - w.transpose(-1, -2) @ v.to(F32)
         self.z = (self.z - w.sum(2)).clamp(min=0)
         return self
 
@@ -73,7 +73,7 @@ class LowRankState:
         """H / z [B,Hkv,R,d] (0 where z == 0): the values of the R virtual keys, so that
         ``sum_r exp(log phi_r + log z_r) * H_r / z_r = phi H`` and the denominators add
         ``phi z``."""
-        return self.H / torch.where(self.z > 0, self.z, 1.0)[..., None]
+        return self.H / self.z.clamp(min=torch.finfo(F32).tiny)[..., None]
 
     def read(self, phi_q: Tensor) -> tuple[Tensor, Tensor]:
         """phi_q [B,H,T,R] -> (phi H [B,H,T,d], phi z [B,H,T])."""
