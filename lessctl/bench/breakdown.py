@@ -61,7 +61,7 @@ def step_breakdown(layer: EvictingLayer, num_heads: int, reps: int = 50) -> dict
     lr = feats = None
     if s.state is not None:
         feats = features(q, s, kern, slot)
-        lr = read_state(feats[0], s)
+        lr = read_state(feats[0], s, kern)
     out = {
         "policy": lambda: choose_slot(qg, k, tt, s, policy, window, sc, softcap),
         "features": None if feats is None else (lambda: features(q, s, kern, slot)),
@@ -69,7 +69,7 @@ def step_breakdown(layer: EvictingLayer, num_heads: int, reps: int = 50) -> dict
         if feats is None
         else (lambda: update_state(s, kern, slot, folded, tt, window, feats[1:])),
         "write": lambda: write_slot(s, slot, k, v, tt),
-        "state_read": None if feats is None else (lambda: read_state(feats[0], s)),
+        "state_read": None if feats is None else (lambda: read_state(feats[0], s, kern)),
         "attention": lambda: attend(qg, s, policy, slot, lo, ln, lr, sc, softcap),
         "total": lambda: steady_step(q, k, v, t, s, policy, kern, scale, window, softcap),
     }

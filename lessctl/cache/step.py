@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lessctl.cache.attend import state_logits
-from lessctl.cache.driver import absorb, unfold
+from lessctl.cache.driver import unfold
 from lessctl.cache.store import KeptStore
 from lessctl.less.frozen import FrozenKernels
 from lessctl.policies.base import Policy, capped, default_scale
@@ -92,11 +92,24 @@ def choose_slot(
 
 
 def features(q: Tensor, s: KeptStore, kernels: FrozenKernels, slot: Tensor):
-    """Phase 2b: log phi of the row's query and psi of the key in ``slot``, with its K/V:
-    -> (log_phi [B,H,1,R], psi [B,Hkv,1,R], k_ev, v_ev [B,Hkv,1,d])."""
+    """Phase 2b: the row's query features and the features of the key in ``slot``, with its
+    K/V -> (phi or log phi [B,H,1,R], psi or log psi [B,Hkv,1,R], k_ev, v_ev [B,Hkv,1,d]):
+    linear for learned kernels, logs otherwise (``kernels.linear``)."""
     k_ev, v_ev = _gather_slot(s.keys, slot), _gather_slot(s.values, slot)
-    log_phi, psi = kernels.log_phi_and_psi(q, k_ev)
-    return log_phi, psi, k_ev, v_ev
+    fq, fk = kernels.row_features(q, k_ev)
+    return fq, fk, k_ev, v_ev
+
+
+def _absorb_linear(state, psi: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    """H += psi^T v, z += psi in place (one token per sequence): psi [B,Hkv,1,R], v
+    [B,Hkv,1,d]. Linear features never move the state's offset (it stays 0), so the stored
+    sums are the sums."""
+    w = psi if mask is None else psi * mask[..., None]
+    b, hkv, _, r = w.shape
+    state.H.view(b * hkv, r, -1).baddbmm_(
+        w.reshape(b * hkv, 1, r).transpose(1, 2), v.reshape(b * hkv, 1, -1).float()
+    )
+    state.z.add_(w.reshape(b, hkv, r))
 
 
 def update_state(
@@ -109,7 +122,7 @@ def update_state(
     freed: tuple[Tensor, Tensor, Tensor],
 ) -> None:
     """Phases 1-2, the state: the folded key ``t - w`` leaves it, the freed key (``freed`` =
-    its psi, K, V; where ``folded``) enters it, and the virtual keys' values follow."""
+    its features, K, V; where ``folded``) enters it, and the virtual keys' values follow."""
     state, cap = s.state, s.positions.shape[-1]
     if window is not None and s.fpos is not None:  # the folded key t - w leaves
         gone_f = (s.fpos == tt - window) & (s.fpos >= 0)
@@ -118,14 +131,19 @@ def update_state(
         k_rel, v_rel = _gather_slot(s.fkeys, rel), _gather_slot(s.fvalues, rel)
         unfold(state, kernels, k_rel, v_rel, has_rel)
         _put(s.fpos, rel, torch.full_like(rel, -1), has_rel)
-    psi, k_ev, v_ev = freed
-    absorb(state, kernels, k_ev, v_ev, folded, psi)
+    fk, k_ev, v_ev = freed
+    if kernels.linear:
+        _absorb_linear(state, fk, v_ev, folded)
+        mean = state.H / state.z.clamp(min=torch.finfo(state.z.dtype).tiny)[..., None]
+    else:
+        state.absorb_log(fk, v_ev, folded)
+        mean = state.mean_values()
     if window is not None and s.fpos is not None:  # remember it until it leaves the window
         free = (s.fpos < 0).long().argmax(-1, keepdim=True)
         _put(s.fkeys, free, k_ev, folded)
         _put(s.fvalues, free, v_ev, folded)
         _put(s.fpos, free, s.positions.gather(-1, slot), folded)
-    s.vbuf[:, :, cap:] = state.mean_values().to(s.vbuf.dtype)
+    s.vbuf[:, :, cap:] = mean
 
 
 def write_slot(s: KeptStore, slot: Tensor, k: Tensor, v: Tensor, tt: Tensor) -> None:
@@ -137,10 +155,14 @@ def write_slot(s: KeptStore, slot: Tensor, k: Tensor, v: Tensor, tt: Tensor) -> 
         _put(s.acc, slot, torch.zeros_like(slot, dtype=s.acc.dtype))
 
 
-def read_state(log_phi: Tensor, s: KeptStore) -> Tensor:
-    """Phase 4a: the virtual keys' logits ``log phi_r(q) + log z_r``: log_phi [B,H,1,R] ->
-    [B,Hkv,g,R] fp32."""
-    return state_logits(log_phi, s.state, s.keys.shape[1])[:, :, :, 0]
+def read_state(fq: Tensor, s: KeptStore, kernels: FrozenKernels) -> Tensor:
+    """Phase 4a: the virtual keys' logits ``log phi_r(q) + log z_r`` from the query's
+    features (:func:`features`) -> [B,Hkv,g,R] fp32."""
+    b, h, _, r = fq.shape
+    hkv = s.keys.shape[1]
+    if kernels.linear:  # log(phi * z): the offset is 0
+        return torch.log(fq.view(b, hkv, h // hkv, r) * s.state.z[:, :, None])
+    return state_logits(fq, s.state, hkv)[:, :, :, 0]
 
 
 def attend(
@@ -202,9 +224,9 @@ def steady_step(
     slot, folded, lo, ln = choose_slot(qg, k, tt, s, policy, window, sc, softcap)
     lr = None
     if s.state is not None:
-        log_phi, psi, k_ev, v_ev = features(q, s, kernels, slot)
+        fq, fk, k_ev, v_ev = features(q, s, kernels, slot)
         if not (window is not None and window <= policy.budget):  # else nothing is folded
-            update_state(s, kernels, slot, folded, tt, window, (psi, k_ev, v_ev))
-        lr = read_state(log_phi, s)
+            update_state(s, kernels, slot, folded, tt, window, (fk, k_ev, v_ev))
+        lr = read_state(fq, s, kernels)
     write_slot(s, slot, k, v, tt)
     return attend(qg, s, policy, slot, lo, ln, lr, sc, softcap).reshape(b, h, 1, -1)

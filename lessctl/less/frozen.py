@@ -64,17 +64,18 @@ class FrozenKernels:
         hidden = F.gelu(torch.bmm(F.gelu(torch.bmm(kh, self.w1k)), self.w2k))
         return _heads_back(torch.bmm(hidden, self.m).abs(), bs)
 
-    def log_phi_and_psi(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """``(log_phi(q), psi(k))`` for one row each: q [B,H,1,d], k [B,Hkv,1,d] (learned
-        kernels: both MLPs in one pair of batched products)."""
+    def row_features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """One row's features: q [B,H,1,d], k [B,Hkv,1,d] -> ``(phi(q), psi(k))`` for learned
+        kernels (both MLPs in one pair of batched products), ``(log_phi(q), log_psi(k))``
+        otherwise (``linear`` says which)."""
         if not self.linear:
-            return self.log_phi(q), self.psi(k)
+            return self.log_phi(q), self.log_psi(k)
         h = q.shape[1]
         qh, bs = _heads_first(q)
         kh, _ = _heads_first(k)
         hidden = F.gelu(torch.bmm(F.gelu(torch.bmm(torch.cat([qh, kh]), self.w1)), self.w2))
-        log_phi = torch.log(_heads_back(hidden[:h], bs).abs())
-        return log_phi, _heads_back(torch.bmm(hidden[h:], self.m).abs(), bs)
+        phi = _heads_back(hidden[:h], bs).abs()
+        return phi, _heads_back(torch.bmm(hidden[h:], self.m).abs(), bs)
 
     def log_psi(self, k: Tensor) -> Tensor:
         if not self.linear:
