@@ -108,7 +108,7 @@ def clipped(evict_at, window):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa"])
 @pytest.mark.parametrize("policy", POLICIES, ids=repr)
-@pytest.mark.parametrize("window", [None, 13])
+@pytest.mark.parametrize("window", [None, 13, 29])  # 29: whole key blocks held by later chunks
 def test_huge_log_features_equal_float64_reference(shape, policy, window):
     q, k, v = qkv(*shape, seed=1)
     log_phi, log_psi = huge_log_features(*shape, seed=1)
