@@ -226,7 +226,7 @@ def test_learned_kernels_log_path_equals_linear_path():
         qt = q[:, :, t : t + 1]
         want = step_attention(qt, k, v, phi[:, :, t : t + 1], lin_state, mask=kept)
         got = step_attention(
-            qt, k, v, state=log_state, mask=kept, log_phi_q=log_phi[:, :, t:][..., :1, :]
+            qt, k, v, state=log_state, mask=kept, log_phi_q=log_phi[:, :, t : t + 1]
         )
         assert close(got, want, 1e-5), t
 
