@@ -9,7 +9,8 @@ A method is a sparse policy plus, optionally, φ/ψ kernels per layer:
 
 `ParallelAttention(policy, kernels)` is the registered attention function for teacher-forced
 evaluation: per layer it computes the policy's `evict_at` and the LESS attention in parallel
-form over the whole window (less-method.md §1, §5).
+form over the whole window (less-method.md §1, §5); Performer kernels go through the log-feature
+path (their exp features over/underflow fp32 for real models' queries and keys).
 """
 
 from __future__ import annotations
@@ -72,12 +73,15 @@ class ParallelAttention:
     ):
         refuse_unknown_kwargs(module, kw)
         ev = layer_evict_at(self.policy, query, key, scaling, sliding_window, softcap)
-        phi = psi = None
+        features = {}
         if self.kernels is not None:
             kern = self.kernels[module.layer_idx].to(query.device)  # follows the layer's device
-            phi, psi = kern.phi(query.float()), kern.psi(key.float())
+            if kern.log_features:  # Performer: exp(features) over/underflows fp32
+                features = {"log_phi_q": kern.log_phi(query), "log_psi_k": kern.log_psi(key)}
+            else:
+                features = {"phi_q": kern.phi(query.float()), "psi_k": kern.psi(key.float())}
         out = parallel_attention(
-            query, key, value, ev, phi, psi, scale=scaling, window=sliding_window, softcap=softcap
+            query, key, value, ev, scale=scaling, window=sliding_window, softcap=softcap, **features
         )
         return out.transpose(1, 2).contiguous(), None
 

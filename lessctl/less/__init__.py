@@ -2,14 +2,16 @@
 
 from lessctl.less.attention import (
     combine,
+    combine_log,
     kept_attention,
     low_rank_attention,
+    low_rank_attention_log,
     masked_attention,
     parallel_attention,
     sparse_attention,
 )
 from lessctl.less.kernels import KernelConfig, LayerKernels, LearnedKernels, PerformerKernels
-from lessctl.less.state import LowRankState, step_attention
+from lessctl.less.state import LowRankState, state_logits_attention, step_attention
 
 __all__ = [
     "KernelConfig",
@@ -18,10 +20,13 @@ __all__ = [
     "LowRankState",
     "PerformerKernels",
     "combine",
+    "combine_log",
     "kept_attention",
     "low_rank_attention",
+    "low_rank_attention_log",
     "masked_attention",
     "parallel_attention",
     "sparse_attention",
+    "state_logits_attention",
     "step_attention",
 ]

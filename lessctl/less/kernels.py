@@ -15,7 +15,10 @@ Performer (positive random features, no training)::
     phi(x) = psi(x) = exp(x w d^-1/4 - |x|^2 / (2 sqrt d)) / sqrt(R)
 
 with a seeded Gaussian ``w [Hkv,d,R]`` per KV head shared by its group, so that
-``phi(q) . psi(k) ~ exp(q . k / sqrt d)`` in expectation.
+``phi(q) . psi(k) ~ exp(q . k / sqrt d)`` in expectation. The exponent is its log feature
+(``log_phi``/``log_psi``, no exp): for real models' |q|, |k| (tens) exp overflows or
+underflows fp32, so the Performer attends through the log-feature path
+(:attr:`LayerKernels.log_features`).
 """
 
 from __future__ import annotations
@@ -90,20 +93,28 @@ class PerformerKernels(nn.Module):
         self.register_buffer("omega", w)
         self.group = cfg.num_heads // cfg.num_kv_heads
 
-    def _features(self, x: Tensor, omega: Tensor) -> Tensor:
-        """x [B,h,S,d], omega [h,d,R] -> [B,h,S,R]."""
+    def _log_features(self, x: Tensor, omega: Tensor) -> Tensor:
+        """x [B,h,S,d], omega [h,d,R] -> log features [B,h,S,R] (finite for any finite x)."""
         d, r = x.shape[-1], omega.shape[-1]
         x = x * d**-0.25
         proj = torch.einsum("bhsd,hdr->bhsr", x, omega)
-        return torch.exp(proj - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(r)
+        return proj - 0.5 * (x * x).sum(-1, keepdim=True) - 0.5 * math.log(r)
+
+    def log_phi(self, q: Tensor) -> Tensor:
+        """q [B,H,S,d] -> log phi [B,H,S,R] (head h uses KV head h // g's features)."""
+        return self._log_features(q, self.omega.repeat_interleave(self.group, 0))
+
+    def log_psi(self, k: Tensor) -> Tensor:
+        """k [B,Hkv,S,d] -> log psi [B,Hkv,S,R]."""
+        return self._log_features(k, self.omega)
 
     def phi(self, q: Tensor) -> Tensor:
-        """q [B,H,S,d] -> [B,H,S,R] (head h uses KV head h // g's features)."""
-        return self._features(q, self.omega.repeat_interleave(self.group, 0))
+        """q [B,H,S,d] -> [B,H,S,R] (exp of :meth:`log_phi`: over/underflows for large |q|)."""
+        return torch.exp(self.log_phi(q))
 
     def psi(self, k: Tensor) -> Tensor:
         """k [B,Hkv,S,d] -> [B,Hkv,S,R]."""
-        return self._features(k, self.omega)
+        return torch.exp(self.log_psi(k))
 
 
 KERNELS: dict[str, type[nn.Module]] = {"learned": LearnedKernels, "performer": PerformerKernels}
@@ -129,13 +140,21 @@ class LayerKernels(nn.Module):
         """k [B,Hkv,S,d] -> [B,Hkv,S,R]."""
         return self.net.psi(k)
 
+    @property
+    def log_features(self) -> bool:
+        """Whether the net computes log phi/psi itself (Performer): then attend in log space
+        (``parallel_attention(log_phi_q=, log_psi_k=)``), finite where phi/psi over/underflow."""
+        return hasattr(self.net, "log_phi")
+
     def log_phi(self, q: Tensor) -> Tensor:
         """log phi(q) [B,H,S,R] (-inf for a zero feature), computed in fp32."""
-        return torch.log(self.phi(q.float()))
+        q = q.float()
+        return self.net.log_phi(q) if self.log_features else torch.log(self.net.phi(q))
 
     def log_psi(self, k: Tensor) -> Tensor:
         """log psi(k) [B,Hkv,S,R] (-inf for a zero feature), computed in fp32."""
-        return torch.log(self.psi(k.float()))
+        k = k.float()
+        return self.net.log_psi(k) if self.log_features else torch.log(self.net.psi(k))
 
     def save(self, path: str | Path) -> None:
         """Write weights and the config (JSON metadata "config") to a .safetensors file."""
