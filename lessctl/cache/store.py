@@ -112,9 +112,7 @@ class KeptStore:
             x = getattr(self, f.name)
             if f.name in ("kbuf", "vbuf", "bias") or x is None:
                 continue
-            out[f.name] = (
-                LowRankState(x.H[idx], x.z[idx]) if f.name == "state" else x.index_select(0, idx)
-            )
+            out[f.name] = x.index_batch(idx) if f.name == "state" else x.index_select(0, idx)
         return KeptStore(**out)
 
 
