@@ -132,18 +132,19 @@ def update_state(
         unfold(state, kernels, k_rel, v_rel, has_rel)
         _put(s.fpos, rel, torch.full_like(rel, -1), has_rel)
     fk, k_ev, v_ev = freed
+    virtual_values = s.vbuf[:, :, cap:]
     if kernels.linear:
         _absorb_linear(state, fk, v_ev, folded)
-        mean = state.H / state.z.clamp(min=torch.finfo(state.z.dtype).tiny)[..., None]
+        z = state.z.clamp(min=torch.finfo(state.z.dtype).tiny)[..., None]
+        virtual_values.copy_(state.H / z)  # (a non-contiguous out= would break the graph)
     else:
         state.absorb_log(fk, v_ev, folded)
-        mean = state.mean_values()
+        virtual_values.copy_(state.mean_values())
     if window is not None and s.fpos is not None:  # remember it until it leaves the window
         free = (s.fpos < 0).long().argmax(-1, keepdim=True)
         _put(s.fkeys, free, k_ev, folded)
         _put(s.fvalues, free, v_ev, folded)
         _put(s.fpos, free, s.positions.gather(-1, slot), folded)
-    s.vbuf[:, :, cap:] = mean
 
 
 def write_slot(s: KeptStore, slot: Tensor, k: Tensor, v: Tensor, tt: Tensor) -> None:

@@ -70,12 +70,12 @@ class FrozenKernels:
         otherwise (``linear`` says which)."""
         if not self.linear:
             return self.log_phi(q), self.log_psi(k)
-        h = q.shape[1]
-        qh, bs = _heads_first(q)
-        kh, _ = _heads_first(k)
-        hidden = F.gelu(torch.bmm(F.gelu(torch.bmm(torch.cat([qh, kh]), self.w1)), self.w2))
-        phi = _heads_back(hidden[:h], bs).abs()
-        return phi, _heads_back(torch.bmm(hidden[h:], self.m).abs(), bs)
+        b, h = q.shape[:2]
+        x = torch.cat([q.reshape(b, h, -1), k.reshape(b, k.shape[1], -1)], 1).float()
+        u = F.gelu(torch.bmm(F.gelu(torch.bmm(x.transpose(0, 1), self.w1)), self.w2))
+        phi = u[:h].abs().transpose(0, 1).unsqueeze(2)  # [B,H,1,R]
+        psi = torch.bmm(u[h:], self.m).abs().transpose(0, 1).unsqueeze(2)
+        return phi, psi
 
     def log_psi(self, k: Tensor) -> Tensor:
         if not self.linear:
