@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from lessctl import stats
+from lessctl.report_bench import bench_sections
 from lessctl.report_longctx import sections as longctx_sections
 from lessctl.runs import list_runs
 from lessctl.stats import Samples
@@ -311,27 +312,6 @@ def _layer_figures(df: pd.DataFrame, fig_dir: Path) -> list[str]:
     return names
 
 
-def _bench_figures(d: pd.DataFrame, fig_dir: Path) -> list[str]:
-    names = []
-    for metric, unit in (("latency_ms", "ms / token"), ("cache_bytes", "KV-cache bytes")):
-        s = d[d.metric == metric]
-        if s.empty:
-            continue
-        name = f"bench-{metric}.png"
-
-        def draw(ax, s=s, unit=unit):
-            for (method, bs), g in s.groupby(["method", "batch_size"]):
-                g = g.sort_values("context")
-                ax.plot(g.context, g.value, marker="o", label=f"{method} (batch {int(bs)})")
-            ax.set_xlabel("context length (tokens)")
-            ax.set_ylabel(unit)
-            ax.legend(fontsize=7)
-
-        _figure(fig_dir / name, draw)
-        names.append(name)
-    return names
-
-
 def _study_point(checkpoint: str) -> dict[str, Any]:
     """Training tokens, epochs, hidden width and rank of the kernels in `checkpoint` (from its
     manifest and its activations' manifest); empty when the folder is gone."""
@@ -509,19 +489,7 @@ def run(results_dir: str | Path = "results", run_name: str | None = None) -> Pat
         ]
         out += [f"![{f}](figures/{f})" for f in _layer_figures(train, fig_dir)] + [""]
     out += longctx_sections(df, fig_dir)  # passkey / needle / RULER-style: lessctl.report_longctx
-    bench = latest[latest.get("task") == "bench"] if "task" in latest else latest[:0]
-    if not bench.empty:
-        bench = bench.assign(
-            budget=bench["budget"].map(lambda b: "–" if b is None or b != b else str(int(b)))
-        )
-        piv = bench.pivot_table(
-            index=["method", "policy", "budget", "batch_size", "context"],
-            columns="metric",
-            values="value",
-            aggfunc="last",
-        ).reset_index()
-        out += ["## Decode benchmark", "", _md(piv), ""]
-        out += [f"![{f}](figures/{f})" for f in _bench_figures(bench, fig_dir)] + [""]
+    out += bench_sections(df, fig_dir)  # lessctl.report_bench: the newest bench run
     study, study_figs = _study_figures(df, fig_dir)
     if not study.empty:
         out += [

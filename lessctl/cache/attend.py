@@ -9,6 +9,7 @@ phi z]`` (:mod:`lessctl.less.attention`), in log space: nothing overflows.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lessctl.less.state import LowRankState
@@ -71,3 +72,41 @@ def rows_attention(
             probs.append((pk / torch.where(sk > 0, sk, 1.0)).sum(2))
     out = torch.cat(outs, 2).to(q.dtype)
     return out, (torch.cat(probs, 2) if want_probs else None)
+
+
+def sdpa_rows(
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    visible: Tensor,
+    scale: float | None,
+    log_phi: Tensor | None = None,
+    state: LowRankState | None = None,
+    block: int = 1024,
+) -> Tensor:
+    """:func:`rows_attention` through ``scaled_dot_product_attention`` (no soft-capping, no
+    probabilities; every row must see a key): the visibility as an additive mask and the state
+    as R virtual keys with per-row logits. Same shapes -> out [B,H,T,d] in q's dtype."""
+    b, h, t, d = q.shape
+    hkv, m = keys.shape[1], keys.shape[2]
+    g = h // hkv
+    if state is not None:
+        r = state.z.shape[-1]
+        keys = torch.cat([keys, keys.new_zeros(b, hkv, r, d)], 2)
+        values = torch.cat([values, state.mean_values().to(values.dtype)], 2)
+    kk, vv = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1)
+    outs = []
+    for a in range(0, t, block):
+        e = min(a + block, t)
+        vis = visible.expand(b, hkv, t, m)[:, :, a:e]
+        bias = torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            ~vis, float("-inf")
+        )
+        bias = bias[:, :, None].expand(b, hkv, g, e - a, m)
+        if state is not None:
+            bias = torch.cat([bias, state_logits(log_phi[:, :, a:e], state, hkv).to(q.dtype)], -1)
+        bias = bias.reshape(b, h, e - a, -1)
+        outs.append(
+            F.scaled_dot_product_attention(q[:, :, a:e], kk, vv, attn_mask=bias, scale=scale)
+        )
+    return torch.cat(outs, 2)

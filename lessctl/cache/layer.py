@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
-from lessctl.cache.attend import rows_attention
+from lessctl.cache.attend import rows_attention, sdpa_rows
 from lessctl.cache.driver import evict_row, release
 from lessctl.cache.step import steady_step
 from lessctl.cache.store import KeptStore
@@ -248,6 +248,8 @@ class EvictingLayer(CacheLayerMixin):
         log_phi = state = None
         if s.state is not None and not first:  # nothing is folded before the first chunk
             state, log_phi = s.state, self.frozen.log_phi(q)
+        if self.softcap is None and not want and bool((rows >= 0).all()):
+            return sdpa_rows(q, s.keys, s.values, visible, scale, log_phi, state), None
         return rows_attention(
             q, s.keys, s.values, visible, scale, self.softcap, log_phi, state, want
         )

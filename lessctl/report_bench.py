@@ -1,0 +1,110 @@
+"""The decode-benchmark part of `lessctl report`, from the newest bench run's rows (ratios are
+only meaningful within one run): per-token decode and prefill per method and context, the
+latency ratios LESS/baseline, baseline/full and LESS/full, throughput at equal memory, and the
+steady decode step's time per phase. Returns Markdown lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+MiB = 2**20
+PHASES = ("policy", "features", "state_update", "write", "state_read", "attention", "total")
+
+
+def _wide(d: pd.DataFrame) -> pd.DataFrame:
+    return d.pivot_table(
+        index=["method", "policy", "budget", "batch_size", "context"],
+        columns="metric",
+        values="value",
+        aggfunc="last",
+    ).reset_index()
+
+
+def _figures(d: pd.DataFrame, fig_dir: Path) -> list[str]:
+    from lessctl.report import _figure
+
+    names = []
+    for metric, unit in (("latency_ms", "ms / token"), ("cache_bytes", "KV-cache bytes")):
+        s = d[(d.metric == metric) & (d.batch_size == 1)]
+        if s.empty:
+            continue
+        name = f"bench-{metric}.png"
+
+        def draw(ax, s=s, unit=unit):
+            for method, g in s.groupby("method"):
+                g = g.sort_values("context")
+                ax.plot(g.context, g.value, marker="o", label=method)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context length (tokens)")
+            ax.set_ylabel(unit)
+            ax.legend(fontsize=7)
+
+        _figure(fig_dir / name, draw)
+        names.append(name)
+    return names
+
+
+def bench_sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
+    """Markdown for the newest bench run in ``rows`` (all saved rows; empty: no lines)."""
+    from lessctl.report import _md
+
+    d = rows[rows.get("task") == "bench"] if "task" in rows else rows[:0]
+    if d.empty:
+        return []
+    run = sorted(d["_run"].dropna().unique())[-1] if "_run" in d else None
+    if run is not None:
+        d = d[d["_run"] == run]
+    d = d.assign(budget=d["budget"].map(lambda b: "–" if b is None or b != b else str(int(b))))
+    w = _wide(d)
+    out = ["## Decode benchmark", "", f"One run, `{run}`; each method measured alone.", ""]
+    dec = w[w.get("latency_ms").notna()] if "latency_ms" in w else w[:0]
+    if not dec.empty:
+        t = dec[["method", "policy", "budget", "batch_size", "context"]].copy()
+        t["ms/token"] = dec["latency_ms"]
+        t["tokens/s"] = dec["tokens_per_s"]
+        t["cache MiB"] = dec["cache_bytes"] / MiB
+        t["peak MiB"] = dec["peak_mem_bytes"] / MiB
+        if "prefill_s" in dec:
+            t["prefill s"] = dec["prefill_s"]
+            t["prefill peak MiB"] = dec["prefill_peak_mem_bytes"] / MiB
+        out += [_md(t.sort_values(["context", "method"])), ""]
+        lat = {(r.context, r.batch_size, r.method): r.latency_ms for r in dec.itertuples()}
+        ratios = []
+        for c, bs in sorted({(c, bs) for c, bs, _ in lat}):
+            row = {"context": c, "batch_size": bs}
+            for num, den in (("less", "baseline"), ("baseline", "full"), ("less", "full")):
+                if (c, bs, num) in lat and (c, bs, den) in lat:
+                    row[f"{num} / {den}"] = lat[(c, bs, num)] / lat[(c, bs, den)]
+            ratios.append(row)
+        out += ["Latency ratios (same run):", "", _md(pd.DataFrame(ratios)), ""]
+    pre = w[w.get("latency_ms").isna()] if "latency_ms" in w else w[:0]
+    if not pre.empty and "prefill_s" in pre:
+        t = pre[["method", "policy", "budget", "context"]].copy()
+        t["prefill s"] = pre["prefill_s"]
+        t["prefill peak MiB"] = pre["prefill_peak_mem_bytes"] / MiB
+        t["cache MiB"] = pre["cache_bytes"] / MiB
+        out += ["Prefill only (chunked protocol):", "", _md(t), ""]
+    if "equal_memory_batch" in w:
+        eq = w[w["equal_memory_batch"].notna()]
+        cap = d["memory_cap_mb"].dropna().iloc[0] if "memory_cap_mb" in d else None
+        t = eq[["method", "context"]].copy()
+        t["batch that fits"] = eq["equal_memory_batch"].astype(int)
+        t["tokens/s"] = eq["equal_memory_tokens_per_s"]
+        out += [
+            f"Throughput at equal memory ({cap:g} MiB of cache; the batch is capped by "
+            "`bench.max_batch`; decode only):",
+            "",
+            _md(t.sort_values(["context", "method"])),
+            "",
+        ]
+    cols = [f"step_{p}_us" for p in PHASES if f"step_{p}_us" in w]
+    if cols:
+        st = w[w[cols[-1]].notna()]
+        t = st[["method", "context"]].copy()
+        for c in cols:
+            t[c[5:-3]] = st[c]
+        out += ["Steady decode step of layer 0, µs per phase (median):", "", _md(t), ""]
+    out += [f"![{f}](figures/{f})" for f in _figures(d, fig_dir)] + [""]
+    return out

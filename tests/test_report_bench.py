@@ -1,0 +1,57 @@
+"""The report's decode-benchmark section: tables and ratios from the newest bench run only."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from lessctl.report_bench import bench_sections
+
+
+def rows(run: str, lat: dict[tuple[str, int], float]) -> list[dict]:
+    out = []
+    for (method, context), ms in lat.items():
+        base = {
+            "task": "bench",
+            "_run": run,
+            "method": method,
+            "context": context,
+            "batch_size": 1,
+            "policy": "full" if method == "full" else "lambda",
+            "budget": None if method == "full" else 32,
+            "memory_cap_mb": 1024.0,
+        }
+        vals = {
+            "latency_ms": ms,
+            "tokens_per_s": 1e3 / ms,
+            "cache_bytes": 2**20,
+            "peak_mem_bytes": 2**30,
+            "prefill_s": 1.0,
+            "prefill_peak_mem_bytes": 2**30,
+        }
+        if method != "full":
+            vals |= {"step_policy_us": 30.0, "step_total_us": 100.0}
+        if context == 8192:
+            vals |= {
+                "equal_memory_batch": 2 if method == "full" else 64,
+                "equal_memory_tokens_per_s": 10.0 if method == "full" else 500.0,
+            }
+        out += [{**base, "metric": k, "value": v} for k, v in vals.items()]
+    return out
+
+
+def test_ratios_come_from_the_newest_run(tmp_path):
+    old = rows("20260101-000000-000000-x", {("full", 8192): 100.0, ("baseline", 8192): 10.0})
+    new = rows(
+        "20260102-000000-000000-x",
+        {("full", 8192): 200.0, ("baseline", 8192): 50.0, ("less", 8192): 55.0},
+    )
+    md = "\n".join(bench_sections(pd.DataFrame(old + new), tmp_path))
+    assert "20260102-000000-000000-x" in md and "20260101" not in md
+    assert "| 8192 | 1 | 1.100 | 0.250 | 0.275 |" in md  # less/baseline, baseline/full, less/full
+    assert "| less | 8192 | 64 | 500.000 |" in md  # equal memory
+    assert "| baseline | 8192 | 30.000 | 100.000 |" in md  # step phases
+    assert (tmp_path / "bench-latency_ms.png").exists()
+
+
+def test_no_bench_rows_no_section(tmp_path):
+    assert bench_sections(pd.DataFrame([{"task": "perplexity", "metric": "x"}]), tmp_path) == []
