@@ -12,10 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lessctl.less.attention import F32, attend, kept_logits
 from lessctl.less.state import LowRankState
-from lessctl.policies.base import capped, default_scale
-
-F32 = torch.float32
 
 
 def state_logits(log_phi: Tensor, state: LowRankState, hkv: int) -> Tensor:
@@ -44,32 +42,20 @@ def rows_attention(
     (without the state: what an accumulating policy adds), summed over the group. A row that
     sees nothing gets out 0 and probs 0. Rows go in blocks of ``block`` (memory).
     """
-    b, h, t, d = q.shape
-    hkv, m = keys.shape[1], keys.shape[2]
-    g = h // hkv
-    kf, vf = keys.to(F32), values.to(F32)
-    mean_v = None if state is None else state.mean_values()
+    t = q.shape[2]
+    hkv = keys.shape[1]
+    if state is not None:
+        values = torch.cat([values, state.mean_values().to(values.dtype)], 2)
     outs, probs = [], []
     for a in range(0, t, block):
         e = min(a + block, t)
-        qg = q[:, :, a:e].to(F32).view(b, hkv, g, e - a, d)
-        s = capped(torch.einsum("bkgtd,bkmd->bkgtm", qg, kf) * default_scale(d, scale), softcap)
-        if visible is not None:
-            vis = visible.expand(b, hkv, t, m)[:, :, None, a:e]
-            s = s.masked_fill(~vis, float("-inf"))
+        vis = None if visible is None else visible[..., a:e, :]
+        s = kept_logits(q[:, :, a:e], keys, vis, scale, softcap)  # [B,Hkv,g,T',m]
+        if want_probs:
+            probs.append(torch.nan_to_num(s.softmax(-1)).sum(2))
         if state is not None:
             s = torch.cat([s, state_logits(log_phi[:, :, a:e], state, hkv)], -1)
-        mx = s.amax(-1, keepdim=True)
-        p = torch.exp(s - torch.where(torch.isfinite(mx), mx, 0.0))
-        den = p.sum(-1, keepdim=True)
-        out = torch.einsum("bkgtm,bkmd->bkgtd", p[..., :m], vf)
-        if state is not None:
-            out = out + torch.einsum("bkgtr,bkrd->bkgtd", p[..., m:], mean_v)
-        outs.append((out / torch.where(den > 0, den, 1.0)).reshape(b, h, e - a, -1))
-        if want_probs:
-            pk = p[..., :m]
-            sk = pk.sum(-1, keepdim=True)
-            probs.append((pk / torch.where(sk > 0, sk, 1.0)).sum(2))
+        outs.append(attend(s, values)[0])
     out = torch.cat(outs, 2).to(q.dtype)
     return out, (torch.cat(probs, 2) if want_probs else None)
 
