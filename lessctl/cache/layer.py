@@ -53,7 +53,8 @@ class EvictingLayer(CacheLayerMixin):
         self.softcap: float | None = None
         self.scale: float | None = None
 
-    # ---- the store's tensors, by name ---------------------------------------------------------
+    # ---- the store's tensors, by name (read-only: the store owns them; transformers'
+    # CacheLayerMixin assigns keys/values = None on construction, which is ignored) -------------
     def _get(self, name: str):
         return None if self.store is None else getattr(self.store, name)
 
