@@ -50,10 +50,13 @@ def one_of(*options: Any) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in options), ", ".join(str(o) for o in options)
 
 
-def list_of(rule: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], bool], str]:
+def list_of(
+    rule: tuple[Callable[[Any], bool], str], empty: bool = False
+) -> tuple[Callable[[Any], bool], str]:
     check, words = rule
-    return (lambda v: isinstance(v, list) and len(v) > 0 and all(check(x) for x in v)), (
-        f"a non-empty list, each {words}"
+    least = 0 if empty else 1
+    return (lambda v: isinstance(v, list) and len(v) >= least and all(check(x) for x in v)), (
+        f"a {'' if empty else 'non-empty '}list, each {words}"
     )
 
 
@@ -110,8 +113,8 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("bench.isolate", BOOL),
         ("bench.full_max_context", int_at_least(1)),
         ("bench.prefill_chunk", int_at_least(1)),
-        ("bench.prefill_contexts", list_of(int_at_least(2))),
-        ("bench.throughput_contexts", list_of(int_at_least(2))),
+        ("bench.prefill_contexts", list_of(int_at_least(2), empty=True)),
+        ("bench.throughput_contexts", list_of(int_at_least(2), empty=True)),
         ("bench.memory_cap_mb", number(0, lo_open=True)),
         ("bench.max_batch", int_at_least(1)),
         ("bench.breakdown", BOOL),
