@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -14,7 +13,7 @@ from transformers.cache_utils import DynamicCache
 
 from lessctl.bench.breakdown import step_breakdown
 from lessctl.bench.memory import peak_memory, reset_peak
-from lessctl.cache import EvictingCache, cache_nbytes
+from lessctl.cache import EvictingCache, cache_nbytes, prefill, running
 from lessctl.errors import LessctlError
 from lessctl.hooks import check_supported
 from lessctl.less.kernels import KernelConfig, LayerKernels
@@ -93,30 +92,16 @@ def chunked_prefill_ok(model, name: str) -> bool:
 
 
 def make_cache(model, name: str, policy: Policy, kernels, chunk: int):
-    """-> (cache, context manager to run the model in, prefill chunk): full = a library
-    ``DynamicCache`` with the model's own attention, prefilled ``chunk`` tokens per forward;
-    baseline/less = the evicting cache, chunked protocol (LESS on a sliding-window model: the
-    prompt protocol, one forward)."""
+    """-> (cache, prefill chunk): full = a library ``DynamicCache`` with the model's own
+    attention, prefilled ``chunk`` tokens per forward; baseline/less = the evicting cache,
+    chunked protocol (LESS on a sliding-window model: the prompt protocol, one forward)."""
     if name == "full":
-        return DynamicCache(config=model.config), nullcontext(), chunk
+        return DynamicCache(config=model.config), chunk
     kern = kernels if name == "less" else None
     if not chunked_prefill_ok(model, name):
-        cache = EvictingCache.for_model(model, policy, kern, protocol="prompt")
-        return cache, cache.attached(model), None
+        return EvictingCache.for_model(model, policy, kern, protocol="prompt"), None
     cache = EvictingCache.for_model(model, policy, kern, protocol="chunked", chunk=chunk)
-    return cache, cache.attached(model), chunk
-
-
-def prefill(model, cache, ctx, ids: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """The prompt ids [B,T] in forwards of ``chunk`` tokens (None: one) -> the next token
-    [B,1]."""
-    chunk = chunk or ids.shape[1]
-    with ctx, torch.no_grad():
-        for a in range(0, ids.shape[1], chunk):
-            logits = model(
-                ids[:, a : a + chunk], cache=cache, use_cache=True, logits_to_keep=1
-            ).logits
-    return logits[:, -1].argmax(-1, keepdim=True)
+    return cache, chunk
 
 
 def measure(
@@ -139,11 +124,11 @@ def measure(
     vocab = model.config.get_text_config(decoder=True).vocab_size
     gen = torch.Generator().manual_seed(int(cfg.seed))
     ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
-    cache, ctx, chunk = make_cache(model, name, policy, kernels, chunk)
+    cache, chunk = make_cache(model, name, policy, kernels, chunk)
     reset_peak(device)
     _sync(device)
     t0 = time.perf_counter()
-    first = prefill(model, cache, ctx, ids, chunk)
+    first = prefill(model, cache, ids, chunk).argmax(-1, keepdim=True)
     _sync(device)
     values: dict[str, float] = {
         "prefill_s": time.perf_counter() - t0,
@@ -155,9 +140,14 @@ def measure(
             "cols": cols,
             "budget": None if name == "full" else policy.budget,
         }
-    ctx = nullcontext() if name == "full" else cache.attached(model)
     times = decode_steps(
-        model, cache, ctx, first, int(b.warmup), int(b.steps), on_timed=lambda: reset_peak(device)
+        model,
+        cache,
+        running(model, cache),
+        first,
+        int(b.warmup),
+        int(b.steps),
+        on_timed=lambda: reset_peak(device),
     )
     lat = statistics.median(times) * 1e3
     values |= {
@@ -184,7 +174,7 @@ def equal_memory(cfg: DictConfig, model, name: str, cache, first, per_seq: float
     if fit < 1:
         return {"equal_memory_batch": 0, "equal_memory_tokens_per_s": 0.0}
     cache.batch_repeat_interleave(fit)
-    ctx = nullcontext() if name == "full" else cache.attached(model)
-    times = decode_steps(model, cache, ctx, first.repeat_interleave(fit, 0), 2, int(b.steps))
+    first = first.repeat_interleave(fit, 0)
+    times = decode_steps(model, cache, running(model, cache), first, 2, int(b.steps))
     lat = statistics.median(times)
     return {"equal_memory_batch": fit, "equal_memory_tokens_per_s": fit / lat}

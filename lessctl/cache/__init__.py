@@ -54,7 +54,7 @@ never cached as candidates, never count towards budgets or scores, and positions
 sequence, so every sequence decides exactly as it would alone.
 """
 
-from lessctl.cache.evicting import EvictingCache, cache_nbytes, prefill
+from lessctl.cache.evicting import EvictingCache, cache_nbytes, prefill, running
 from lessctl.cache.eviction import evict_many, evict_many_sequential
 from lessctl.cache.layer import PROTOCOLS, EvictingLayer
 from lessctl.cache.store import KeptStore, left_pad_counts
@@ -69,4 +69,5 @@ __all__ = [
     "evict_many_sequential",
     "left_pad_counts",
     "prefill",
+    "running",
 ]

@@ -22,17 +22,11 @@ from lessctl.policies.base import Policy, group_probs
 
 
 def absorb(
-    state: LowRankState,
-    kernels: FrozenKernels,
-    k: Tensor,
-    v: Tensor,
-    mask: Tensor | None,
-    psi: Tensor | None = None,
+    state: LowRankState, kernels: FrozenKernels, k: Tensor, v: Tensor, mask: Tensor | None
 ) -> None:
-    """Fold keys k/v [B,Hkv,e,d] (where ``mask`` [B,Hkv,e]) into the state through psi
-    (``psi``: psi(k), already computed)."""
-    if kernels.linear or psi is not None:
-        state.absorb(kernels.psi(k) if psi is None else psi, v, mask)
+    """Fold keys k/v [B,Hkv,e,d] (where ``mask`` [B,Hkv,e]) into the state through psi."""
+    if kernels.linear:
+        state.absorb(kernels.psi(k), v, mask)
     else:
         state.absorb_log(kernels.log_psi(k), v, mask)
 

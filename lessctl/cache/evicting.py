@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor
@@ -147,14 +147,20 @@ def cache_nbytes(cache: Cache) -> int:
     return total
 
 
+def running(model, cache: Cache):
+    """The context to run ``model`` with ``cache`` in: an evicting cache's attention function,
+    nothing for a library cache."""
+    return cache.attached(model) if isinstance(cache, EvictingCache) else nullcontext()
+
+
 @torch.no_grad()
-def prefill(model, cache: EvictingCache, input_ids: Tensor, chunk: int | None = None) -> Tensor:
-    """Run a prompt [B,T] through ``model`` with ``cache`` attached, ``chunk`` tokens per forward
-    (None: one forward), so that activations stay O(chunk) whatever T; -> the last row's logits
-    [B,V]. With ``protocol="chunked"`` and ``chunk`` = the cache's chunk the cache (and so the
-    whole prefill) holds O(budget + chunk) tokens."""
+def prefill(model, cache: Cache, input_ids: Tensor, chunk: int | None = None) -> Tensor:
+    """Run a prompt [B,T] through ``model`` with ``cache`` (an evicting or a library cache),
+    ``chunk`` tokens per forward (None: one forward), so that activations stay O(chunk)
+    whatever T; -> the last row's logits [B,V]. With ``protocol="chunked"`` and ``chunk`` = the
+    cache's chunk the cache (and so the whole prefill) holds O(budget + chunk) tokens."""
     size = input_ids.shape[1] if chunk is None else chunk
-    with cache.attached(model):
+    with running(model, cache):
         for a in range(0, input_ids.shape[1], size):
             logits = model(
                 input_ids[:, a : a + size], cache=cache, use_cache=True, logits_to_keep=1
