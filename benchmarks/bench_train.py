@@ -7,8 +7,9 @@ repetitions interleaved (old, new, old, new, ...) because the machine is shared.
 
 Without --activations the shards are synthetic (random fp16 q, k, v with SmolLM2-135M's
 geometry: 9 query heads, 3 KV heads, head_dim 64, seq_len 512): the cost of a training step
-does not depend on the values. The old implementation is `lessctl/train.py` at --old-rev,
-read with `git show` and imported as a module; both run the same config on the same shards.
+does not depend on the values. The old implementation is `lessctl/train.py` and
+`lessctl/less/kernels.py` at --old-rev, read with `git show` and imported as modules; both run
+the same config on the same shards.
 """
 
 from __future__ import annotations
@@ -30,20 +31,26 @@ from lessctl.shards import ShardStore, save_atomic
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def old_train_module(rev: str):
-    """`lessctl/train.py` at git revision `rev`, imported as module `lessctl_train_<rev>`."""
+def _module_at(rev: str, path: str, name: str):
+    """The file `path` at git revision `rev`, imported as module `name`."""
     src = subprocess.run(
-        ["git", "show", f"{rev}:lessctl/train.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
+        ["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
-    path = Path(tempfile.mkdtemp()) / f"lessctl_train_{rev}.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    file.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, file)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
+    return mod
+
+
+def old_train_module(rev: str):
+    """`lessctl/train.py` at git revision `rev` with that revision's kernels
+    (`lessctl/less/kernels.py`, e.g. its dropout), imported as module `lessctl_train_<rev>`."""
+    mod = _module_at(rev, "lessctl/train.py", f"lessctl_train_{rev}")
+    kernels = _module_at(rev, "lessctl/less/kernels.py", f"lessctl_kernels_{rev}")
+    mod.LayerKernels, mod.KernelConfig = kernels.LayerKernels, kernels.KernelConfig
     return mod
 
 

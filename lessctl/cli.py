@@ -102,9 +102,13 @@ def assets(
 def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> Iterator[Run]:
     """A run folder for `command` with the config's provenance; marked `finished` when the
     block ends, `failed` when it raises (or exits with an error)."""
+    import torch
+
     from lessctl.config import resolve_device
     from lessctl.runs import start_run
 
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
     device = run_stage(resolve_device, cfg.device)
     run = start_run(cfg, command, overrides or [], device=str(device))
     try:

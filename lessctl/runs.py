@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lessctl.atomic import write_json_atomic
@@ -120,6 +121,7 @@ def start_run(cfg: DictConfig, command: str, overrides: list[str], device: str =
         run_name=cfg.get("run_name"),
         start=_now(),
         host=platform.node(),
+        threads=torch.get_num_threads(),
         status="running",
     )
     return run

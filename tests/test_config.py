@@ -69,6 +69,7 @@ def test_dtype_resolution():
     "override,allowed",
     [
         ("train.epochs=0", "an int >= 1"),
+        ("threads=0", "an int >= 1"),
         ("extract.tokens=0", "an int >= 1"),
         ("eval.shots=-1", "an int >= 0"),
         ("eval.mode=fast", "parallel, streaming"),

@@ -107,8 +107,9 @@ def test_cli_train_prints_table_and_error(extracted):
 
 
 def test_multirun_fans_out_layers_with_joblib(extracted, compose, tmp_path):
-    """`lessctl train -m train.layers=0,1 hydra/launcher=joblib`: one job per layer, in a real
-    subprocess (Hydra reconfigures logging, so not through CliRunner)."""
+    """`lessctl train -m train.layers=0,1 hydra/launcher=joblib threads=1`: one job per layer,
+    each with one torch thread, in a real subprocess (Hydra reconfigures logging, so not
+    through CliRunner)."""
     import os
     import subprocess
     import sys
@@ -124,6 +125,8 @@ def test_multirun_fans_out_layers_with_joblib(extracted, compose, tmp_path):
         "train.layers=0,1",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
+        "threads=1",
+        f"results_dir={tmp_path}/results",
         f"hydra.sweep.dir={tmp_path}/sweep",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=600)
@@ -133,6 +136,9 @@ def test_multirun_fans_out_layers_with_joblib(extracted, compose, tmp_path):
     out = T.checkpoint_dir(compose(*extracted, "train.epochs=1"), man)
     assert (out / "layer_000.json").exists() and (out / "layer_001.json").exists()
     assert len(list((tmp_path / "sweep").glob("*/.hydra"))) == 2
+    runs = (tmp_path / "results").glob("runs/train/*/meta.json")
+    metas = [json.loads(p.read_text()) for p in runs]
+    assert len(metas) == 2 and all(m["threads"] == 1 and m["status"] == "finished" for m in metas)
 
 
 def test_incomplete_extraction_is_refused(extracted, compose):

@@ -37,6 +37,28 @@ def test_dropout_only_in_training():
     assert torch.equal(m.phi(q), m.phi(q))
 
 
+def test_fast_dropout_drops_at_rate_p_everywhere_and_rescales():
+    """The CPU mask from 16-bit words: each element (and each of the three words of a 64-bit
+    draw) dropped with probability p, kept ones scaled by 1/(1-p), the gradient the same mask."""
+    from lessctl.less.kernels import dropout
+
+    p, n = 0.3, 3 * 400_000
+    x = torch.ones(n, requires_grad=True)
+    y = dropout(x, p, training=True)
+    kept = y != 0
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    for word in range(3):  # a word of the draw left out or taken twice would skew its position
+        rate = 1 - kept[word::3].float().mean().item()
+        assert abs(rate - p) < 0.004, (word, rate)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    torch.manual_seed(5)
+    a = dropout(torch.ones(7, 11), p, training=True)
+    torch.manual_seed(5)
+    assert torch.equal(a, dropout(torch.ones(7, 11), p, training=True))
+    assert dropout(x, p, training=False) is x and dropout(x, 0.0, training=True) is x
+
+
 def test_save_load_round_trip(tmp_path):
     for kind in ("learned", "performer"):
         cfg = KernelConfig(6, 3, 8, rank=4, hidden=16, kind=kind, seed=3)
