@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lessctl.adapters import layer_scaling, output_projection
 from lessctl.config import resolve_device, resolve_dtype
 from lessctl.data import load_texts, token_windows
 from lessctl.errors import LessctlError
@@ -94,7 +95,7 @@ def run(cfg: DictConfig, log=print) -> dict[str, Any]:
     geo = attention_geometry(model)
     views = check_supported(model)
     if not attention_layers(model):
-        raise LessctlError(f"model {cfg.model.name} has no attention layers with o_proj to capture")
+        raise LessctlError(f"model {cfg.model.name} has no attention layers to capture")
     corpus = load_texts(cfg.data)
     windows = token_windows(corpus.items, tok, int(e.seq_len), int(e.tokens))
     if windows.shape[1] > geo["max_position_embeddings"] > 0:
@@ -141,13 +142,13 @@ def run(cfg: DictConfig, log=print) -> dict[str, Any]:
         "chunks": len(chunks),
         "dtype": e.dtype,
         "geometry": geo,
-        "scaling": float(attention_layers(model)[0].scaling),
+        "scaling": layer_scaling(attention_layers(model)[0]),
         "layers": views,  # per layer: the scaling, sliding window and softcap it attends with
     }
     store.write_manifest(manifest)
     o_proj = {}
     for m in attention_layers(model):
-        for name, p in m.o_proj.named_parameters():
+        for name, p in output_projection(m).named_parameters():
             o_proj[f"layer_{m.layer_idx}.{name}"] = p.detach().to("cpu", torch.float32)
     save_atomic(o_proj, store.root / "o_proj.safetensors")
 

@@ -14,7 +14,8 @@ layer) and `softcap` (Gemma 2 logit soft-capping); a function must honour all th
 `check_supported(model)` refuses, in one line naming the model type and the feature, what the
 harness cannot honour: ALiBi, cross-attention, latent (compressed-KV) attention, attention
 sinks, and any model whose decoder layers the registered function does not reach (counted on a
-two-token forward), e.g. Falcon, whose attention calls SDPA inline.
+two-token forward). Attention modules that call SDPA inline (Falcon) are routed to the
+registered function by :mod:`lessctl.adapters` inside the block.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lessctl.adapters import route_of, routed
 from lessctl.errors import LessctlError
 
 _ids = itertools.count()
@@ -70,8 +72,13 @@ def refuse_unknown_kwargs(module, kw: dict) -> None:
 
 
 def attention_layers(model) -> list[torch.nn.Module]:
-    """The decoder's attention modules, in layer order (modules with `layer_idx` and `o_proj`)."""
-    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
+    """The decoder's attention modules, in layer order (modules with `layer_idx` and `o_proj`,
+    or with a route in :mod:`lessctl.adapters`)."""
+    mods = [
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx") and (hasattr(m, "o_proj") or route_of(m) is not None)
+    ]
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
@@ -131,12 +138,14 @@ def use_attention(model, fn: Callable, mask: Callable = sdpa_mask) -> Iterator[s
     name = f"lessctl_{next(_ids)}"
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, mask)
-    configs = {id(c): c for c in (model.config, *[m.config for m in attention_layers(model)])}
+    layers = attention_layers(model)
+    configs = {id(c): c for c in (model.config, *[m.config for m in layers])}
     old = {k: c._attn_implementation for k, c in configs.items()}
     try:
         for c in configs.values():
             c._attn_implementation = name
-        yield name
+        with routed(layers):
+            yield name
     finally:
         for k, c in configs.items():
             c._attn_implementation = old[k]

@@ -232,7 +232,13 @@ def attention_geometry(model) -> dict[str, int]:
         n_heads = c.num_attention_heads
     except AttributeError:
         raise ModelError(f"model {type(model).__name__} has no decoder attention layers") from None
-    n_kv = getattr(c, "num_key_value_heads", None) or n_heads
+    from lessctl.adapters import route_of
+    from lessctl.hooks import attention_layers
+
+    layer = attention_layers(model)[0]
+    route = route_of(layer)  # e.g. multi-query Falcon: 1 KV head, whatever its config says
+    n_kv = route.kv_heads(layer) if route else None
+    n_kv = n_kv or getattr(c, "num_key_value_heads", None) or n_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
     return dict(
         num_layers=n_layers,

@@ -6,8 +6,9 @@ downloads), fp32. The model's own attention is the reference:
 1. nothing evicted == the model (parallel form, streaming protocol, prompt protocol through
    ``generate()``), logits within 1e-4;
 2. causality for every method;
-3. routing: our attention function runs on every decoder layer; Falcon (attention not routed
-   through the interface) and ALiBi models are refused in one line, by every stage;
+3. routing: our attention function runs on every decoder layer (Falcon, whose attention calls
+   SDPA inline, through its route in ``lessctl.adapters``); a model it cannot reach (Falcon
+   without its route) and ALiBi models are refused in one line, by every stage;
 4. what a layer cannot see is neither kept nor folded into the state: sliding windows (the
    policy chooses inside the window; a window within the budget evicts nothing), soft-capping
    and the model's own scale, in the sparse part, the state and the training targets;
@@ -37,7 +38,7 @@ from lessctl.policies import baseline_plus, get_policy, keep_mask
 from lessctl.policies.base import capped, default_scale, layer_evict_at
 from lessctl.train import full_attention
 
-FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3"]
+FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "falcon"]
 SLIDING = ["mistral", "qwen2", "gemma2", "gemma3", "phi3"]
 ALL_LAYERS_SLIDE = ["mistral", "phi3"]
 WINDOW, S = 8, 20
@@ -131,6 +132,10 @@ def test_family_has_the_features_it_stands_for(family):
         assert attention_layers(model_of(family))[0].q_proj.bias is not None
     if family == "llama":
         assert geo["num_kv_heads"] < geo["num_heads"]
+    if family == "falcon":  # the 7B layout: multi-query (one KV head), parallel attention
+        cfg = model_of(family).config
+        assert cfg.multi_query and cfg.parallel_attn and not cfg.new_decoder_architecture
+        assert geo["num_kv_heads"] == 1 and not cfg.alibi
 
 
 # ---- 1. nothing evicted == the model ---------------------------------------------------------
@@ -212,12 +217,45 @@ def test_our_attention_runs_on_every_layer(family):
     assert sorted(calls) == list(range(TINY["num_hidden_layers"]))
 
 
-def test_falcon_is_refused_in_one_line():
-    falcon = model_of("falcon")
-    assert falcon.config.multi_query and falcon.config.parallel_attn  # the 7B layout
+@pytest.fixture
+def without_routes(monkeypatch):
+    """As if lessctl had no adapter for modules that call SDPA inline (Falcon)."""
+    import lessctl.adapters as adapters
+
+    monkeypatch.setattr(adapters, "ROUTES", {})
+
+
+def test_a_model_our_function_cannot_reach_is_refused_in_one_line(without_routes):
+    falcon = tiny_random_model({**TINY, "family": "falcon"}).eval()
     with pytest.raises(UnsupportedModel, match=r"^model type falcon: .* reaches 0 of 2") as err:
         attention_geometry(falcon)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["new_decoder_architecture", "multi_head"])
+def test_other_falcon_layouts_equal_the_model(layout):
+    """Falcon-40B's grouped layout (KV heads with their query groups) and the plain multi-head
+    one: nothing evicted equals the model, and keys reach the policy per KV head."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    extra = (
+        {"new_decoder_architecture": True, "num_kv_heads": 2}
+        if layout == "new_decoder_architecture"
+        else {"multi_query": False}
+    )
+    cfg = FalconConfig(
+        vocab_size=257, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **extra
+    )
+    torch.manual_seed(0)
+    model = FalconForCausalLM(cfg).eval().requires_grad_(False)
+    geo = attention_geometry(model)
+    assert geo["num_kv_heads"] == (2 if layout == "new_decoder_architecture" else 4)
+    ids = ids_of()
+    kern = kernels_for(model)
+    ref = own_logits(model, ids)
+    assert torch.allclose(parallel_logits(model, ids, NOTHING_EVICTED, kern), ref, atol=1e-4)
+    assert torch.allclose(stream_logits(model, ids, NOTHING_EVICTED, kern, chunk=5), ref, atol=1e-4)
+    assert not torch.allclose(parallel_logits(model, ids, EVICTING, kern), ref, atol=1e-3)
 
 
 def test_alibi_is_refused_naming_the_feature():
@@ -237,7 +275,7 @@ def test_alibi_is_refused_naming_the_feature():
 
 
 @pytest.mark.parametrize("stage", ["eval", "bench", "extract"])
-def test_every_stage_refuses_falcon(stage, tmp_path, monkeypatch):
+def test_every_stage_refuses_an_unreachable_model(stage, tmp_path, monkeypatch, without_routes):
     monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
     (tmp_path / "t.txt").write_text("some text " * 200)
     res = CliRunner().invoke(
