@@ -103,7 +103,8 @@ def generate(
     policy: Policy,
     kernels: dict[int, LayerKernels] | None,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | list[int],
+    forced: list[list[int]] | None = None,
     protocol: str = "prompt",
     do_sample: bool = False,
     temperature: float = 0.3,
@@ -112,15 +113,28 @@ def generate(
     generator: torch.Generator | None = None,
     use_hf_generate: bool = False,
 ) -> list[list[int]]:
-    """New token ids per sequence; input_ids/attention_mask [B,T] (left padding)."""
+    """New token ids per sequence; input_ids/attention_mask [B,T] (left padding).
+
+    ``max_new_tokens``: one limit, or one per sequence. ``forced``: tokens per sequence fed one
+    per step through the cache after the prompt (teacher-forced, their outputs ignored; e.g. a
+    question after a context the cache compressed without it) before that sequence generates;
+    sequences with shorter ones start generating earlier.
+    """
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer")
+    b = input_ids.shape[0]
+    limits = [max_new_tokens] * b if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    forced = forced or [[] for _ in range(b)]
+    if len(limits) != b or len(forced) != b:
+        raise ValueError(f"{b} sequences but {len(limits)} limits and {len(forced)} forced lists")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
     eos = _eos_ids(model, tokenizer)
     cache, ctx = make_cache(model, policy, kernels, protocol, attention_mask)
     if use_hf_generate:
+        if any(forced) or len(set(limits)) > 1:
+            raise ValueError("use_hf_generate takes neither forced tokens nor per-row limits")
         if generator is not None:
             raise ValueError("use_hf_generate does not take a torch.Generator; seed torch instead")
         pad = tokenizer.pad_token_id if tokenizer is not None else next(iter(eos), 0)
@@ -130,7 +144,7 @@ def generate(
                 input_ids,
                 attention_mask=attention_mask,
                 cache=cache,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=limits[0],
                 do_sample=do_sample,
                 pad_token_id=pad,
                 stop_strings=stop_strings,
@@ -139,12 +153,12 @@ def generate(
             )
         new = out[:, input_ids.shape[1] :].tolist()
         return [cut(seq, eos, stop_strings, tokenizer)[0] for seq in new]
-    b = input_ids.shape[0]
     new: list[list[int]] = [[] for _ in range(b)]
-    done = [False] * b
+    done = [m <= 0 for m in limits]
+    fed = [0] * b
     mask, pos, x = attention_mask, position_ids(attention_mask), input_ids
     with ctx, torch.no_grad():
-        for _ in range(max_new_tokens):
+        for _ in range(max(len(f) for f in forced) + max(limits)):
             logits = model(
                 x,
                 attention_mask=mask,
@@ -154,13 +168,18 @@ def generate(
                 logits_to_keep=1,
             ).logits[:, -1]
             nxt = _next_token(logits, do_sample, temperature, generator)
-            for i, tok in enumerate(nxt.tolist()):
-                if not done[i]:
+            feed = nxt.tolist()
+            for i, tok in enumerate(feed):
+                if fed[i] < len(forced[i]):
+                    feed[i] = forced[i][fed[i]]
+                    fed[i] += 1
+                elif not done[i]:
                     new[i].append(tok)
-                    done[i] = cut(new[i], eos, stop_strings, tokenizer)[1]
+                    stopped = cut(new[i], eos, stop_strings, tokenizer)[1]
+                    done[i] = stopped or len(new[i]) >= limits[i]
             if all(done):
                 break
-            x = nxt[:, None]
+            x = torch.tensor(feed, device=nxt.device)[:, None] if any(forced) else nxt[:, None]
             mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
             pos = pos[:, -1:] + 1
     return [cut(seq, eos, stop_strings, tokenizer)[0] for seq in new]

@@ -158,3 +158,44 @@ def test_sampling_is_reproducible_with_a_generator(tiny_model):
         )
 
     assert run(0) == run(0)
+
+
+def test_forced_tokens_are_fed_then_each_row_generates_up_to_its_limit(tiny_model):
+    """With the full cache, feeding a suffix token by token after the prompt gives what the
+    prompt with the suffix gives; rows with shorter suffixes start earlier; per-row limits hold;
+    under an evicting policy the forced tokens pass through the cache (and so can change it)."""
+    model, tok = tiny_model
+    ids = tok(TEXTS[0], return_tensors="pt").input_ids
+    head, tail = ids[:, :-5], ids[0, -5:].tolist()
+    full = get_policy("full")
+    whole = generate(model, ids, None, full, None, max_new_tokens=8)[0]
+    forced = generate(model, head, None, full, None, max_new_tokens=[8], forced=[tail])[0]
+    assert forced == whole and len(whole) == 8
+    enc = left_padded(tok)
+    pol = get_policy("h2o", heavy=4, recent=4)
+    batch = generate(
+        model,
+        enc.input_ids,
+        enc.attention_mask,
+        pol,
+        None,
+        max_new_tokens=[6, 3],
+        forced=[[5, 6, 7], []],
+    )
+    alone = [
+        generate(
+            model,
+            tok(TEXTS[0], return_tensors="pt").input_ids,
+            None,
+            pol,
+            None,
+            max_new_tokens=6,
+            forced=[[5, 6, 7]],
+        )[0],
+        generate(
+            model, tok(TEXTS[1], return_tensors="pt").input_ids, None, pol, None, max_new_tokens=3
+        )[0],
+    ]
+    assert batch == alone and [len(x) for x in batch] == [6, 3]
+    with pytest.raises(ValueError, match="2 sequences but 1 limits"):
+        generate(model, enc.input_ids, enc.attention_mask, pol, None, max_new_tokens=[4])

@@ -37,7 +37,7 @@ import torch
 from omegaconf import DictConfig
 
 from lessctl.atomic import write_jsonl_atomic
-from lessctl.decoding import _eos_ids, make_cache, position_ids
+from lessctl.decoding import generate
 from lessctl.errors import LessctlError
 from lessctl.methods import Method
 
@@ -178,12 +178,11 @@ def answer(
     method: Method,
     max_new_tokens: list[int],
     pad_id: int,
-    eos: set[int],
+    tokenizer=None,
 ) -> list[list[int]]:
-    """Greedy answers for a batch: each prompt is processed in one forward (left padding), then
-    its suffix is fed one token per row through the cache (teacher-forced, outputs ignored),
-    then up to `max_new_tokens[i]` tokens are generated. Rows of one batch step are decoded
-    together; sequences with shorter suffixes start answering earlier."""
+    """Greedy answers for a batch through the evicting cache (prompt protocol): each prompt in
+    one forward (left padding), then its suffix fed one token per step (teacher-forced), then up
+    to `max_new_tokens[i]` tokens (:func:`lessctl.decoding.generate` with ``forced``)."""
     b = len(prompts)
     width = max(len(p) for p in prompts)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -191,41 +190,16 @@ def answer(
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
-    ids, mask = ids.to(model.device), mask.to(model.device)
-    cache, ctx = make_cache(model, method.policy, method.kernels, "prompt", mask)
-    pos = position_ids(mask)
-    new: list[list[int]] = [[] for _ in range(b)]
-    fed = [0] * b
-    done = [m <= 0 for m in max_new_tokens]
-    steps = max(len(s) for s in suffixes) + max(max_new_tokens)
-    x = ids
-    with ctx, torch.no_grad():
-        for _ in range(steps):
-            logits = model(
-                x,
-                attention_mask=mask,
-                position_ids=pos,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
-            greedy = logits.argmax(-1).tolist()
-            feed = []
-            for i in range(b):
-                if fed[i] < len(suffixes[i]):
-                    feed.append(suffixes[i][fed[i]])
-                    fed[i] += 1
-                    continue
-                if not done[i]:
-                    new[i].append(greedy[i])
-                    done[i] = greedy[i] in eos or len(new[i]) >= max_new_tokens[i]
-                feed.append(greedy[i])
-            if all(done):
-                break
-            x = torch.tensor(feed, device=model.device)[:, None]
-            mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
-            pos = pos[:, -1:] + 1
-    return [[t for t in seq if t not in eos] for seq in new]
+    return generate(
+        model,
+        ids,
+        mask,
+        method.policy,
+        method.kernels,
+        max_new_tokens=max_new_tokens,
+        forced=suffixes,
+        tokenizer=tokenizer,
+    )
 
 
 def _cell(s: Sample) -> tuple:
@@ -254,7 +228,6 @@ def run_samples(
     laid = [layout(s, lead, question) for s in samples]
     order = sorted(range(len(samples)), key=lambda i: (len(laid[i][0]) + len(laid[i][1]), i))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = _eos_ids(model, tokenizer)
     bs = max(1, int(cfg.eval.batch_size))
     out_dir = Path(run_dir) / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -272,7 +245,7 @@ def run_samples(
                 m,
                 [samples[i].max_new_tokens for i in idx],
                 pad,
-                eos,
+                tokenizer,
             )
             for i, toks in zip(idx, got, strict=True):
                 preds[i] = tokenizer.decode(toks, skip_special_tokens=True)
