@@ -73,7 +73,8 @@ reproduce: install
 
 # What moves the gap (not part of reproduce; hours on 2 cores): conf/experiment/study.yaml.
 # A smaller grid: make study STUDY_TOKENS="24576 98304 262144" STUDY_EPOCHS=2 STUDY_HIDDEN=128 STUDY_RANK=8
-STUDY        := experiment=study
+# Its runs and report go to results/study/ (REPORT.md, figures/), apart from reproduce's.
+STUDY        := experiment=study results_dir=results/study
 STUDY_TOKENS ?= 24576 98304 262144
 STUDY_EPOCHS ?= 2 6
 STUDY_HIDDEN ?= 128 512
@@ -89,4 +90,4 @@ study: install
 	for t in $(STUDY_TOKENS); do for e in $(STUDY_EPOCHS); do for h in $(STUDY_HIDDEN); do \
 	  for r in $(STUDY_RANK); do $(LESS) eval $(STUDY) task=wikitext2 extract.tokens=$$t \
 	    train.epochs=$$e less.hidden=$$h less.rank=$$r || exit 1; done; done; done; done
-	$(LESS) report
+	$(LESS) report results_dir=results/study run_name=study

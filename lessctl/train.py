@@ -151,9 +151,8 @@ def full_attention(
     if window is not None or softcap is not None:
         ev = expire(never_evicted(k), window)
         return sparse_attention(q, k, v, ev, scale, softcap=softcap)[0]
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    # enable_gqa: each KV head serves its query group without a repeated copy (1.5x faster here)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
 class LayerData:
@@ -168,6 +167,7 @@ class LayerData:
     """
 
     FLOAT_KEYS = ("target", "sparse_out", "baseline", "plus")
+    GROUP_BYTES = 512 * 2**20  # fp32 q and k of the chunks whose decisions are made at once
 
     def __init__(
         self,
@@ -198,13 +198,29 @@ class LayerData:
     def _raw(self, chunk: int) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in self.store.read(self.layer, chunk).items()}
 
+    def _evict_at(self, policy, raws: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """The policy's decisions for several chunks in one call: a sequential policy's
+        per-token loop (H2O, TOVA) costs about the same for 4 sequences as for 200, so one call
+        over many chunks instead of one per chunk (exactly the same decisions, per sequence)."""
+        q = torch.cat([r["q"] for r in raws]).to(torch.float32)
+        k = torch.cat([r["k"] for r in raws]).to(torch.float32)
+        ev = layer_evict_at(policy, q, k, self.scale, self.window, self.softcap)
+        return list(ev.split([r["q"].shape[0] for r in raws]))
+
     def _precompute(
-        self, raw: dict[str, torch.Tensor], validation: bool
+        self,
+        raw: dict[str, torch.Tensor],
+        validation: bool,
+        ev: torch.Tensor | None = None,
+        ev_plus: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """Target, evict_at, sparse part (and for validation Baseline, Baseline+) of one chunk;
+        ``ev`` / ``ev_plus``: the policy's / Baseline+'s decisions when already known."""
         dt = raw["q"].dtype
         q, k, v = (raw[n].to(torch.float32) for n in ("q", "k", "v"))
         sc, w, cap = self.scale, self.window, self.softcap
-        ev = layer_evict_at(self.policy, q, k, sc, w, cap)
+        if ev is None:
+            ev = self._evict_at(self.policy, [raw])[0]
         out, lse = sparse_attention(q, k, v, ev, sc, softcap=cap)
         pre = {
             "target": _o_proj(full_attention(q, k, v, sc, w, cap), self.w),
@@ -214,7 +230,8 @@ class LayerData:
         }
         if validation:
             pre["baseline"] = _o_proj(out, self.w)
-            ev_plus = layer_evict_at(self.plus, q, k, sc, w, cap)
+            if ev_plus is None:
+                ev_plus = self._evict_at(self.plus, [raw])[0]
             pre["plus"] = _o_proj(sparse_attention(q, k, v, ev_plus, sc, softcap=cap)[0], self.w)
         return {n: t.to(dt) if n in self.FLOAT_KEYS else t for n, t in pre.items()}
 
@@ -241,8 +258,8 @@ class LayerData:
         roles = [(c, False) for c in train_chunks] + [(c, True) for c in val_chunks]
         held: dict[int, dict[str, torch.Tensor]] = {}
         used, bound, mode = 0, torch.zeros((), dtype=torch.long, device=self.device), "memory"
-        for c, validation in roles:
-            d = {**(raw := self._raw(c)), **self._precompute(raw, validation)}
+        for c, validation, raw, ev, ev_plus in self._decided(roles):
+            d = {**raw, **self._precompute(raw, validation, ev, ev_plus)}
             bound = torch.maximum(bound, max_evicted_per_chunk(d["evict_at"]))
             used += sum(t.numel() * t.element_size() for t in d.values())
             if mode == "memory" and used <= self.memory_bytes:
@@ -257,6 +274,32 @@ class LayerData:
         self.resident = held if mode == "memory" else None
         self.max_evicted = int(bound)  # one host sync per layer
         return mode
+
+    def _decided(self, roles: list[tuple[int, bool]]):
+        """(chunk, validation, raw, evict_at, Baseline+'s evict_at or None) per role, the
+        decisions made for groups of chunks of up to ``GROUP_BYTES`` of fp32 q and k at once."""
+        group: list[tuple[int, bool, dict[str, torch.Tensor]]] = []
+        size = 0
+
+        def flush():
+            raws = [r for _, _, r in group]
+            evs = self._evict_at(self.policy, raws)
+            val = [i for i, (_, v, _) in enumerate(group) if v]
+            plus_evs = self._evict_at(self.plus, [raws[i] for i in val]) if val else []
+            plus = dict(zip(val, plus_evs, strict=True))
+            for i, (c, v, r) in enumerate(group):
+                yield c, v, r, evs[i], plus.get(i)
+
+        for c, validation in roles:
+            raw = self._raw(c)
+            n = raw["q"].numel() + raw["k"].numel()
+            if group and (size + n) * 4 > self.GROUP_BYTES:
+                yield from flush()
+                group, size = [], 0
+            group.append((c, validation, raw))
+            size += n
+        if group:
+            yield from flush()
 
 
 def _rows_mse(pred: torch.Tensor, target: torch.Tensor, start: int) -> torch.Tensor:

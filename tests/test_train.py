@@ -194,3 +194,38 @@ def test_in_memory_and_streamed_training_agree_and_memory_reads_shards_once(
     for key in ("val_less_mse", "val_untrained_mse", "best_epoch"):
         assert mem[key] == disk[key]
     assert [h["train_mse"] for h in mem["history"]] == [h["train_mse"] for h in disk["history"]]
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova"])
+def test_decisions_made_for_many_chunks_at_once_equal_per_chunk(
+    extracted, compose, policy, tmp_path
+):
+    """prepare() runs the policy over groups of chunks in one call; every chunk's evict_at (and
+    its validation Baseline+'s) must be what the policy decides on that chunk alone."""
+    import torch
+
+    from lessctl.policies.base import layer_evict_at
+    from lessctl.policies.budget import baseline_plus, build_policy
+
+    cfg = compose(*extracted, f"policy={policy}")
+    store = T.activations(cfg)
+    man = store.manifest()
+    pol = build_policy(cfg.policy, seq_len=man["seq_len"], max_position_embeddings=128)
+    plus = baseline_plus(pol, int(cfg.less.rank), man["geometry"]["head_dim"], 4)
+    chunks = store.done_chunks()
+
+    def prepared(group_bytes: float) -> dict:
+        data = T.LayerData(store, 1, pol, plus, man["scaling"], "cpu", tmp_path / "pre")
+        data.GROUP_BYTES = group_bytes
+        assert data.prepare(chunks[:-2], chunks[-2:]) == "memory"
+        return data.resident
+
+    together, alone = prepared(float("inf")), prepared(1)
+    for c in chunks:
+        raw = store.read(1, c)
+        want = layer_evict_at(pol, raw["q"].float(), raw["k"].float(), man["scaling"])
+        assert torch.equal(together[c]["evict_at"], want) and torch.equal(
+            alone[c]["evict_at"], want
+        )
+        assert torch.equal(together[c]["sparse_out"], alone[c]["sparse_out"])
+    assert torch.equal(together[chunks[-1]]["plus"], alone[chunks[-1]]["plus"])
