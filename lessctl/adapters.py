@@ -66,11 +66,14 @@ def _falcon_forward(
 ):
     """FalconAttention.forward (rotary path) with the attention itself delegated to the
     registered function."""
+    from transformers.cache_utils import Cache
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
 
     if alibi is not None:
         raise RuntimeError("ALiBi Falcon reached the routed forward; check_supported refuses it")
+    if layer_past is None and any(isinstance(x, Cache) for x in kwargs.values()):
+        raise RuntimeError(f"FalconAttention got its cache as {sorted(kwargs)}: update the route")
     q, k, v = _falcon_qkv(self, self.query_key_value(hidden_states))
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -114,13 +117,26 @@ def layer_scaling(module: nn.Module) -> float:
 
 @contextmanager
 def routed(modules: list[nn.Module]) -> Iterator[None]:
-    """Give every module with a :class:`Route` its routed forward inside the block."""
-    swapped = [m for m in modules if route_of(m) is not None]
+    """Give every module with a :class:`Route` its routed forward inside the block, and the
+    ``num_key_value_groups`` that attention functions (transformers' SDPA) read to pair query
+    heads with KV heads; whatever the module had before (e.g. an accelerate hook's forward, an
+    outer block's route) is restored on exit."""
+    _missing = object()
+    saved: list[tuple[nn.Module, dict[str, object]]] = []
     try:
-        for m in swapped:
-            m.forward = types.MethodType(route_of(m).forward, m)
+        for m in modules:
+            route = route_of(m)
+            if route is None:
+                continue
+            keys = ("forward", "num_key_value_groups")
+            saved.append((m, {k: vars(m).get(k, _missing) for k in keys}))
+            m.forward = types.MethodType(route.forward, m)
+            m.num_key_value_groups = m.num_heads // route.kv_heads(m)
         yield
     finally:
-        for m in swapped:
-            if "forward" in vars(m):
-                del m.forward
+        for m, old in reversed(saved):
+            for key, value in old.items():
+                if value is _missing:
+                    vars(m).pop(key, None)
+                else:
+                    setattr(m, key, value)

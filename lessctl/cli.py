@@ -107,16 +107,20 @@ def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> It
     from lessctl.config import resolve_device
     from lessctl.runs import start_run
 
+    threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
-    device = run_stage(resolve_device, cfg.device)
-    run = start_run(cfg, command, overrides or [], device=str(device))
     try:
-        yield run
-    except BaseException:
-        run.finish("failed")
-        raise
-    run.finish()
+        device = run_stage(resolve_device, cfg.device)
+        run = start_run(cfg, command, overrides or [], device=str(device))
+        try:
+            yield run
+        except BaseException:
+            run.finish("failed")
+            raise
+        run.finish()
+    finally:
+        torch.set_num_threads(threads)  # in-process callers keep theirs
 
 
 @app.command(context_settings=EXTRA)

@@ -151,8 +151,12 @@ def full_attention(
     if window is not None or softcap is not None:
         ev = expire(never_evicted(k), window)
         return sparse_attention(q, k, v, ev, scale, softcap=softcap)[0]
-    # enable_gqa: each KV head serves its query group without a repeated copy (1.5x faster here)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    if q.device.type == "cpu":  # each KV head serves its group without a copy: 1.5x faster
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    # on CUDA, fp32 GQA would fall back to the S x S math kernel; repeated K/V keep O(S) memory
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 class LayerData:

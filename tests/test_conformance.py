@@ -29,7 +29,13 @@ from lessctl.cache import EvictingCache
 from lessctl.cli import app
 from lessctl.decoding import generate, stream_logits
 from lessctl.extract import Capture
-from lessctl.hooks import UnsupportedModel, attention_layers, check_supported, use_attention
+from lessctl.hooks import (
+    UnsupportedModel,
+    attention_layers,
+    check_supported,
+    sdpa,
+    use_attention,
+)
 from lessctl.less.attention import masked_attention
 from lessctl.less.kernels import KernelConfig, LayerKernels
 from lessctl.methods import ParallelAttention
@@ -256,6 +262,24 @@ def test_other_falcon_layouts_equal_the_model(layout):
     assert torch.allclose(parallel_logits(model, ids, NOTHING_EVICTED, kern), ref, atol=1e-4)
     assert torch.allclose(stream_logits(model, ids, NOTHING_EVICTED, kern, chunk=5), ref, atol=1e-4)
     assert not torch.allclose(parallel_logits(model, ids, EVICTING, kern), ref, atol=1e-3)
+    with use_attention(model, sdpa), torch.no_grad():  # extract's capture path: transformers' SDPA
+        assert torch.allclose(model(ids).logits, ref, atol=1e-4)
+
+
+def test_routes_restore_what_the_module_had():
+    """Leaving a block restores the module's own forward (and any instance attribute it had,
+    e.g. an outer block's route); nested blocks keep routing."""
+    model = model_of("falcon")
+    layer = attention_layers(model)[0]
+    hook = layer.forward  # a bound method of the class
+    ids, ref = ids_of(), own_logits(model, ids_of())
+    with use_attention(model, sdpa):
+        outer = layer.forward
+        with use_attention(model, sdpa), torch.no_grad():
+            assert torch.allclose(model(ids).logits, ref, atol=1e-4)
+        assert layer.forward == outer and layer.num_key_value_groups == 4
+    assert "forward" not in vars(layer) and "num_key_value_groups" not in vars(layer)
+    assert layer.forward == hook
 
 
 def test_alibi_is_refused_naming_the_feature():

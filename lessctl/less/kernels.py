@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,12 +63,13 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     (``benchmarks/bench_train.py``). Elsewhere: :func:`torch.nn.functional.dropout`."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or not 0.0 < p < 1.0:
+    dropped = round(p * 65536)  # of the 2^16 values a word takes
+    if x.device.type != "cpu" or not 0 < dropped < 65536 or sys.byteorder != "little":
         return F.dropout(x, p, training)
     n = x.numel()
     words = torch.empty((n + 2) // 3, dtype=torch.int64).random_()  # 63 random bits each
     draws = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:n]  # the 3 full 16-bit words
-    keep = draws.view(x.shape) >= round(p * 65536) - 32768
+    keep = draws.view(x.shape) >= dropped - 32768
     return x * (keep * (1.0 / (1.0 - p))).to(x.dtype)
 
 

@@ -190,3 +190,20 @@ def test_static_max_evicted_bound_gives_the_same_state(policy):
         assert all(close(a, b) for a, b in zip(got, want, strict=True))
     short = low_rank_attention(phi, psi, v, e, chunk=16, max_evicted=bound - 1)
     assert not close(short[0], want[0])
+
+
+def test_attend_rows_without_keys_are_empty_and_nan_is_not_hidden():
+    """A row whose keys are all masked gets out 0 and lse -inf; a NaN logit stays NaN (a
+    numerical blow-up must not pass for a row with no key)."""
+    from lessctl.less.attention import attend
+
+    s = torch.randn(1, 1, 2, 3, 4)
+    v = torch.randn(1, 1, 4, 5)
+    s[0, 0, 0, 1] = float("-inf")  # query head 0, row 1: no key
+    s[0, 0, 1, 2, 0] = float("nan")  # query head 1, row 2: a NaN logit
+    out, lse = attend(s, v)
+    assert torch.equal(out[0, 0, 1], torch.zeros(5)) and lse[0, 0, 1] == float("-inf")
+    assert out[0, 1, 2].isnan().all() and lse[0, 1, 2].isnan()
+    p = torch.softmax(s[0, 0, 0, 0], -1)
+    assert torch.allclose(out[0, 0, 0], p @ v[0, 0], atol=1e-6)
+    assert torch.allclose(lse[0, 0, 0], torch.logsumexp(s[0, 0, 0, 0], -1), atol=1e-6)

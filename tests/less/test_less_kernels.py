@@ -57,6 +57,9 @@ def test_fast_dropout_drops_at_rate_p_everywhere_and_rescales():
     torch.manual_seed(5)
     assert torch.equal(a, dropout(torch.ones(7, 11), p, training=True))
     assert dropout(x, p, training=False) is x and dropout(x, 0.0, training=True) is x
+    for tiny in (1e-6, 1 - 1e-6):  # p rounds to 0 or 2^16 words: torch's dropout, not a wrap
+        y = dropout(torch.ones(100_000), tiny, training=True)
+        assert abs((y == 0).float().mean().item() - tiny) < 0.01
 
 
 def test_save_load_round_trip(tmp_path):
