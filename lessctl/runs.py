@@ -30,7 +30,8 @@ def _now() -> str:
 
 
 def git_revision() -> str:
-    """Current commit (with `+dirty` if the tree has changes), or `unknown` outside git."""
+    """Current commit (with `+dirty` if tracked files other than the run outputs under
+    `results/` have changes), or `unknown` outside git."""
     root = Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(
@@ -41,7 +42,7 @@ def git_revision() -> str:
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
             cwd=root,
             capture_output=True,
             text=True,

@@ -15,3 +15,29 @@ def test_run_folder_provenance(compose, tmp_path):
     [row] = again.rows()
     assert row["value"] == 1.5 and row["seed"] == 3 and "v_transformers" in row
     assert again.meta["status"] == "finished"
+
+
+def test_revision_is_dirty_for_code_changes_not_for_run_outputs(tmp_path, monkeypatch):
+    """A run records `<commit>+dirty` when tracked code differs from the commit, but not when
+    only tracked results under `results/` do (a reproduce run empties them first)."""
+    import shutil
+    import subprocess
+
+    import lessctl.runs as runs
+
+    repo = tmp_path / "repo"
+    (repo / "lessctl").mkdir(parents=True)
+    (repo / "results").mkdir()
+    shutil.copy(runs.__file__, repo / "lessctl" / "runs.py")
+    (repo / "results" / "REPORT.md").write_text("old\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=repo, check=True)
+    monkeypatch.setattr(runs, "__file__", str(repo / "lessctl" / "runs.py"))
+    clean = runs.git_revision()
+    assert len(clean) == 12 and "+" not in clean
+    (repo / "results" / "REPORT.md").unlink()
+    assert runs.git_revision() == clean
+    (repo / "lessctl" / "runs.py").write_text("# changed\n")
+    assert runs.git_revision() == clean + "+dirty"
