@@ -356,6 +356,11 @@ def _study_figures(df: pd.DataFrame, fig_dir: Path) -> tuple[pd.DataFrame, list[
         point = _study_point(str(less.checkpoint.iloc[-1]))
         if not point:
             continue
+        smp = [_samples(g[g.method == m].iloc[-1]) for m in ("full", "baseline_plus", "less")]
+        low = high = float("nan")
+        if all(x is not None for x in smp):  # paired over the same windows
+            est = stats.gap_closed(*smp)
+            low, high = est.low, est.high
         points.append(
             {
                 "dataset": less.dataset.iloc[-1],
@@ -366,6 +371,9 @@ def _study_figures(df: pd.DataFrame, fig_dir: Path) -> tuple[pd.DataFrame, list[
                 "Baseline+": vals["baseline_plus"],
                 "LESS": vals["less"],
                 "gap closed": gap_closed(vals["full"], vals["baseline_plus"], vals["less"]),
+                "95% interval": "–" if math.isnan(low) else f"[{low:.3f}, {high:.3f}]",
+                "_low": low,
+                "_high": high,
                 "run": run,
             }
         )
@@ -379,10 +387,13 @@ def _study_figures(df: pd.DataFrame, fig_dir: Path) -> tuple[pd.DataFrame, list[
 
         def draw(ax, g=g, title=f"study: {dataset} {policy} budget {int(budget)}"):
             for (ep, hid, r), s in g.groupby(["epochs", "hidden", "rank"]):
-                ax.plot(
+                err = [s["gap closed"] - s["_low"], s["_high"] - s["gap closed"]]
+                ax.errorbar(
                     s["train tokens"],
                     s["gap closed"],
+                    yerr=None if s["_low"].isna().any() else err,
                     marker="o",
+                    capsize=3,
                     label=f"epochs {ep}, hidden {hid}, R {r}",
                 )
             ax.axhline(0, color="grey", lw=0.5)
@@ -495,7 +506,7 @@ def run(results_dir: str | Path = "results", run_name: str | None = None) -> Pat
         out += [
             "## Study: what moves the gap (experiment=study, word perplexity)",
             "",
-            _md(study.drop(columns=["run"])),
+            _md(study.drop(columns=["run", "_low", "_high"])),
             "",
         ]
         out += [f"![{f}](figures/{f})" for f in study_figs] + [""]

@@ -36,4 +36,8 @@ def test_study_points_use_their_own_kernels_and_reach_the_report(compose, tmp_pa
     study = text.split("## Study: what moves the gap", 1)[1].split("\n## ", 1)[0]
     rows = [ln for ln in study.splitlines() if ln.startswith("| ") and "lambda" in ln]
     assert sorted(int(ln.split("|")[4]) for ln in rows) == [768, 1536]  # train tokens
+    for ln in rows:  # each point's gap closed with its paired bootstrap interval around it
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        gap, low, high = float(cells[-2]), *map(float, cells[-1].strip("[]").split(","))
+        assert low <= gap <= high and low < high
     assert list(Path("results/figures").glob("study-gap-*.png"))
