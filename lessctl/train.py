@@ -224,7 +224,7 @@ class LayerData:
         q, k, v = (raw[n].to(torch.float32) for n in ("q", "k", "v"))
         sc, w, cap = self.scale, self.window, self.softcap
         if ev is None:
-            ev = self._evict_at(self.policy, [raw])[0]
+            ev = layer_evict_at(self.policy, q, k, sc, w, cap)
         out, lse = sparse_attention(q, k, v, ev, sc, softcap=cap)
         pre = {
             "target": _o_proj(full_attention(q, k, v, sc, w, cap), self.w),
@@ -235,7 +235,7 @@ class LayerData:
         if validation:
             pre["baseline"] = _o_proj(out, self.w)
             if ev_plus is None:
-                ev_plus = self._evict_at(self.plus, [raw])[0]
+                ev_plus = layer_evict_at(self.plus, q, k, sc, w, cap)
             pre["plus"] = _o_proj(sparse_attention(q, k, v, ev_plus, sc, softcap=cap)[0], self.w)
         return {n: t.to(dt) if n in self.FLOAT_KEYS else t for n, t in pre.items()}
 
@@ -285,7 +285,7 @@ class LayerData:
         group: list[tuple[int, bool, dict[str, torch.Tensor]]] = []
         size = 0
 
-        def flush():
+        def flush(group: list[tuple[int, bool, dict[str, torch.Tensor]]]):
             raws = [r for _, _, r in group]
             evs = self._evict_at(self.policy, raws)
             val = [i for i, (_, v, _) in enumerate(group) if v]
@@ -298,12 +298,12 @@ class LayerData:
             raw = self._raw(c)
             n = raw["q"].numel() + raw["k"].numel()
             if group and (size + n) * 4 > self.GROUP_BYTES:
-                yield from flush()
+                yield from flush(group)
                 group, size = [], 0
             group.append((c, validation, raw))
             size += n
         if group:
-            yield from flush()
+            yield from flush(group)
 
 
 def _rows_mse(pred: torch.Tensor, target: torch.Tensor, start: int) -> torch.Tensor:
