@@ -44,9 +44,12 @@ class FrozenKernels:
                 eye = torch.eye(self.cfg.rank, device=net.W_int.device)
                 s1, s2 = net.s1.detach().float().abs(), net.s2.detach().float()
                 self.m = s1[:, :, None] * (eye + net.W_int.detach().float() * s2[:, None, :])
-                # phi's and psi's MLPs side by side: one decode step evaluates both at once
+                # phi's and psi's MLPs side by side: one decode step evaluates both at once,
+                # phi's heads through the identity where psi's go through M (one product)
                 self.w1 = torch.cat([self.w1q, self.w1k])
                 self.w2 = torch.cat([self.w2q, self.w2k])
+                h = self.w1q.shape[0]
+                self.m_rows = torch.cat([eye.expand(h, -1, -1), self.m])
 
     def _mlp(self, x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
         xh, bs = _heads_first(x)
@@ -73,9 +76,8 @@ class FrozenKernels:
         b, h = q.shape[:2]
         x = torch.cat([q.reshape(b, h, -1), k.reshape(b, k.shape[1], -1)], 1).float()
         u = F.gelu(torch.bmm(F.gelu(torch.bmm(x.transpose(0, 1), self.w1)), self.w2))
-        phi = u[:h].abs().transpose(0, 1).unsqueeze(2)  # [B,H,1,R]
-        psi = torch.bmm(u[h:], self.m).abs().transpose(0, 1).unsqueeze(2)
-        return phi, psi
+        f = torch.bmm(u, self.m_rows).abs().transpose(0, 1).unsqueeze(2)  # [B,H+Hkv,1,R]
+        return f[:, :h], f[:, h:]
 
     def log_psi(self, k: Tensor) -> Tensor:
         if not self.linear:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from lessctl.less import KernelConfig, LayerKernels, parallel_attention
+from lessctl.less.frozen import FrozenKernels
 from lessctl.policies import H2O
 
 
@@ -95,3 +97,28 @@ def test_untrained_learned_kernels_are_almost_the_sparse_policy():
     less = parallel_attention(q, k, v, e, m.phi(q), m.psi(k))
     diff = (less - sparse).abs().max().item()
     assert 0 < diff < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["learned", "performer"])
+def test_frozen_kernels_equal_the_trained_maps(kind):
+    """Decode-time phi/psi (constant factors folded, phi's and psi's MLPs in one product) equal
+    the module's own maps in eval mode: a wrong fold of |s1|, W_int, s2 or a swapped head fails."""
+    torch.manual_seed(0)
+    cfg = KernelConfig(num_heads=6, num_kv_heads=2, head_dim=16, rank=4, hidden=8, kind=kind)
+    mod = LayerKernels(cfg).eval()
+    if kind == "learned":  # away from the init so that s1, s2 and W_int all matter
+        with torch.no_grad():
+            for p in mod.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    frozen = FrozenKernels(mod)
+    q, k = torch.randn(3, 6, 1, 16), torch.randn(3, 2, 1, 16)
+    with torch.no_grad():
+        fq, fk = frozen.row_features(q, k)
+        if frozen.linear:
+            torch.testing.assert_close(fq, mod.phi(q), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(fk, mod.psi(k), rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(fq, mod.log_phi(q), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fk, mod.log_psi(k), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(frozen.log_phi(q), mod.log_phi(q), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(frozen.log_psi(k), mod.log_psi(k), rtol=1e-4, atol=1e-4)
