@@ -149,3 +149,5 @@ def use_attention(model, fn: Callable, mask: Callable = sdpa_mask) -> Iterator[s
     finally:
         for k, c in configs.items():
             c._attn_implementation = old[k]
+        for interface in (AttentionInterface, AttentionMaskInterface):  # no leak per block
+            interface._global_mapping.pop(name, None)

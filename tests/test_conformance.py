@@ -282,6 +282,24 @@ def test_routes_restore_what_the_module_had():
     assert layer.forward == hook
 
 
+def test_blocks_leave_no_registered_functions_behind():
+    """Each block registers its function and mask under a fresh name; leaving it (also by an
+    exception) removes both, so a long study does not grow transformers' global tables."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    model = model_of("llama")
+    before = (set(AttentionInterface._global_mapping), set(AttentionMaskInterface._global_mapping))
+    with use_attention(model, sdpa) as name:
+        assert name in AttentionInterface._global_mapping
+        assert name in AttentionMaskInterface._global_mapping
+    with pytest.raises(RuntimeError), use_attention(model, sdpa):
+        raise RuntimeError("boom")
+    after = (set(AttentionInterface._global_mapping), set(AttentionMaskInterface._global_mapping))
+    assert after == before
+    assert model.config._attn_implementation not in (name,)
+
+
 def test_alibi_is_refused_naming_the_feature():
     from transformers import BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM
 
