@@ -22,6 +22,7 @@ import pandas as pd
 from lessctl import stats
 from lessctl.report_bench import bench_sections
 from lessctl.report_longctx import sections as longctx_sections
+from lessctl.report_study import sections as study_sections
 from lessctl.runs import list_runs
 from lessctl.stats import Samples
 
@@ -312,102 +313,6 @@ def _layer_figures(df: pd.DataFrame, fig_dir: Path) -> list[str]:
     return names
 
 
-def _study_point(checkpoint: str) -> dict[str, Any]:
-    """Training tokens, epochs, hidden width and rank of the kernels in `checkpoint` (from its
-    manifest and its activations' manifest); empty when the folder is gone."""
-    import json
-
-    man_path = Path(checkpoint) / "manifest.json"
-    if not man_path.exists():
-        return {}
-    man = json.loads(man_path.read_text())
-    acts = Path(str(man.get("activations", ""))) / "manifest.json"
-    tokens = json.loads(acts.read_text()).get("tokens") if acts.exists() else None
-    return {
-        "train tokens": tokens,
-        "epochs": man["spec"]["train"]["epochs"],
-        "hidden": man["kernel"]["hidden"],
-        "rank": man["kernel"]["rank"],
-    }
-
-
-def _study_figures(df: pd.DataFrame, fig_dir: Path) -> tuple[pd.DataFrame, list[str]]:
-    """experiment=study (eval runs named `*-study`): gap closed (word perplexity, Baseline+ →
-    Full) of each point against the tokens its kernels were trained on, one line per (epochs,
-    hidden, rank); returns the table and the figure names."""
-    need = {"_run", "task", "metric", "method", "value", "checkpoint"}
-    if df.empty or not need <= set(df.columns):
-        return pd.DataFrame(), []
-    d = df[
-        df["_run"].astype(str).str.endswith("-study")
-        & (df["task"] == "perplexity")
-        & (df["metric"] == "ppl_word")
-    ]
-    points = []
-    for run, g in d.groupby("_run"):
-        vals = {
-            m: g[g.method == m].value.iloc[-1]
-            for m in ("full", "baseline_plus", "less")
-            if (g.method == m).any()
-        }
-        less = g[g.method == "less"]
-        if len(vals) < 3 or less.checkpoint.isna().all():
-            continue
-        point = _study_point(str(less.checkpoint.iloc[-1]))
-        if not point:
-            continue
-        smp = [_samples(g[g.method == m].iloc[-1]) for m in ("full", "baseline_plus", "less")]
-        low = high = float("nan")
-        if all(x is not None for x in smp):  # paired over the same windows
-            est = stats.gap_closed(*smp)
-            low, high = est.low, est.high
-        points.append(
-            {
-                "dataset": less.dataset.iloc[-1],
-                "policy": less.policy.iloc[-1],
-                "budget": less.budget.iloc[-1],
-                **point,
-                "Full": vals["full"],
-                "Baseline+": vals["baseline_plus"],
-                "LESS": vals["less"],
-                "gap closed": gap_closed(vals["full"], vals["baseline_plus"], vals["less"]),
-                "95% interval": "–" if math.isnan(low) else f"[{low:.3f}, {high:.3f}]",
-                "_low": low,
-                "_high": high,
-                "run": run,
-            }
-        )
-    table = pd.DataFrame(points)
-    if table.empty:
-        return table, []
-    table = table.sort_values(["dataset", "policy", "epochs", "hidden", "rank", "train tokens"])
-    names = []
-    for (dataset, policy, budget), g in table.groupby(["dataset", "policy", "budget"]):
-        name = f"study-gap-{dataset}-{policy}-{int(budget)}.png"
-
-        def draw(ax, g=g, title=f"study: {dataset} {policy} budget {int(budget)}"):
-            for (ep, hid, r), s in g.groupby(["epochs", "hidden", "rank"]):
-                err = [s["gap closed"] - s["_low"], s["_high"] - s["gap closed"]]
-                ax.errorbar(
-                    s["train tokens"],
-                    s["gap closed"],
-                    yerr=None if s["_low"].isna().any() else err,
-                    marker="o",
-                    capsize=3,
-                    label=f"epochs {ep}, hidden {hid}, R {r}",
-                )
-            ax.axhline(0, color="grey", lw=0.5)
-            ax.set_xscale("log")
-            ax.set_xlabel("training tokens")
-            ax.set_ylabel("gap closed (Baseline+ → Full)")
-            ax.set_title(title, fontsize=9)
-            ax.legend(fontsize=6)
-
-        _figure(fig_dir / name, draw)
-        names.append(name)
-    return table, names
-
-
 def run(results_dir: str | Path = "results", run_name: str | None = None) -> Path:
     """Write `<results_dir>/REPORT.md` and its figures from the finished runs (those labelled
     `run_name` when given: one study's runs); returns the report's path."""
@@ -501,15 +406,7 @@ def run(results_dir: str | Path = "results", run_name: str | None = None) -> Pat
         out += [f"![{f}](figures/{f})" for f in _layer_figures(train, fig_dir)] + [""]
     out += longctx_sections(df, fig_dir)  # passkey / needle / RULER-style: lessctl.report_longctx
     out += bench_sections(df, fig_dir)  # lessctl.report_bench: the newest bench run
-    study, study_figs = _study_figures(df, fig_dir)
-    if not study.empty:
-        out += [
-            "## Study: what moves the gap (experiment=study, word perplexity)",
-            "",
-            _md(study.drop(columns=["run", "_low", "_high"])),
-            "",
-        ]
-        out += [f"![{f}](figures/{f})" for f in study_figs] + [""]
+    out += study_sections(df, fig_dir)  # lessctl.report_study: experiment=study's points
     runs = sorted(set(latest["run"])) if "run" in latest else []
     out += ["## Runs", ""] + [f"- `{r}`" for r in runs] + [""]
     path = results_dir / "REPORT.md"

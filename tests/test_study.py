@@ -34,10 +34,54 @@ def test_study_points_use_their_own_kernels_and_reach_the_report(compose, tmp_pa
     text = write_report("results").read_text()
     assert "## Study: what moves the gap" in text
     study = text.split("## Study: what moves the gap", 1)[1].split("\n## ", 1)[0]
-    rows = [ln for ln in study.splitlines() if ln.startswith("| ") and "lambda" in ln]
+    points = study.split("One factor at a time", 1)[0]
+    rows = [ln for ln in points.splitlines() if ln.startswith("| ") and "lambda" in ln]
     assert sorted(int(ln.split("|")[4]) for ln in rows) == [768, 1536]  # train tokens
     for ln in rows:  # each point's gap closed with its paired bootstrap interval around it
         cells = [c.strip() for c in ln.strip("|").split("|")]
         gap, low, high = float(cells[-2]), *map(float, cells[-1].strip("[]").split(","))
         assert low <= gap <= high and low < high
     assert list(Path("results/figures").glob("study-gap-*.png"))
+    # one factor apart (training tokens): the change in gap closed from 768 to 1536 tokens,
+    # paired, is the difference of the two points' figures, inside its own interval
+    comp = study.split("One factor at a time", 1)[1]
+    crow = next(ln for ln in comp.splitlines() if ln.startswith("| ") and "768 → 1536" in ln)
+    cells = [c.strip() for c in crow.strip("|").split("|")]
+    assert cells[3] == "train tokens" and cells[-1] in ("significant", "not significant")
+    gaps = {int(ln.split("|")[4]): float(ln.split("|")[-3]) for ln in rows}
+    change, (low, high) = float(cells[-3]), map(float, cells[-2].strip("[]").split(","))
+    assert abs(change - (gaps[1536] - gaps[768])) < 2e-3 and low <= change <= high
+    assert (cells[-1] == "significant") == (low > 0 or high < 0)
+
+
+def test_one_factor_comparisons_pair_only_points_one_factor_apart():
+    """Points two factors apart are not compared; the smaller setting is always `from`."""
+    import numpy as np
+    import pandas as pd
+
+    from lessctl.report_study import comparisons
+    from lessctl.stats import Samples
+
+    rng = np.random.default_rng(0)
+
+    def smp(shift):  # Full, Baseline+, LESS windows (NLL sums, token counts)
+        n = np.full(16, 100.0)
+        return [Samples(rng.normal(m, 0.1, 16) * 100, n, exp=True) for m in (2.0, 3.0, shift)]
+
+    base = {"dataset": "d", "policy": "lambda", "budget": 32, "epochs": 2, "hidden": 128}
+    table = pd.DataFrame(
+        [
+            {**base, "train tokens": 1000, "rank": 8, "_samples": smp(2.9)},
+            {**base, "train tokens": 4000, "rank": 8, "_samples": smp(2.5)},
+            {**base, "train tokens": 1000, "rank": 4, "_samples": smp(2.8)},
+            {**base, "train tokens": 4000, "rank": 4, "epochs": 6, "_samples": smp(2.2)},
+        ]
+    )
+    comp = comparisons(table)
+    assert sorted(zip(comp.factor, comp["from → to"], strict=True)) == [
+        ("rank", "4 → 8"),
+        ("train tokens", "1000 → 4000"),
+    ]
+    tok = comp[comp.factor == "train tokens"].iloc[0]
+    assert tok["at"] == "epochs 2, hidden 128, rank 8"
+    assert float(tok["Δ gap closed"]) > 0.3 and tok.verdict == "significant"

@@ -1,0 +1,190 @@
+"""The `experiment=study` part of `lessctl report` (eval runs named `*-study`): gap closed (word
+perplexity, Baseline+ → Full) of each point with its paired interval, the figure of gap closed
+against training tokens (one line per epochs, hidden width and rank), and the one-factor
+comparisons: for every two points that differ in exactly one factor, the change in gap closed
+from the smaller setting to the larger, paired over the same windows, with its interval and a
+word. Returns Markdown lines."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lessctl import stats
+
+FACTORS = ("train tokens", "epochs", "hidden", "rank")
+METHODS = ("full", "baseline_plus", "less")
+
+
+def study_point(checkpoint: str) -> dict[str, Any]:
+    """Training tokens, epochs, hidden width and rank of the kernels in `checkpoint` (from its
+    manifest and its activations' manifest); empty when the folder is gone."""
+    man_path = Path(checkpoint) / "manifest.json"
+    if not man_path.exists():
+        return {}
+    man = json.loads(man_path.read_text())
+    acts = Path(str(man.get("activations", ""))) / "manifest.json"
+    tokens = json.loads(acts.read_text()).get("tokens") if acts.exists() else None
+    return {
+        "train tokens": tokens,
+        "epochs": man["spec"]["train"]["epochs"],
+        "hidden": man["kernel"]["hidden"],
+        "rank": man["kernel"]["rank"],
+    }
+
+
+def study_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per study point: its factors, Full / Baseline+ / LESS word perplexity, gap
+    closed with its paired interval; `_samples` holds the three methods' windows."""
+    from lessctl.report import _samples, gap_closed
+
+    need = {"_run", "task", "metric", "method", "value", "checkpoint"}
+    if df.empty or not need <= set(df.columns):
+        return pd.DataFrame()
+    d = df[
+        df["_run"].astype(str).str.endswith("-study")
+        & (df["task"] == "perplexity")
+        & (df["metric"] == "ppl_word")
+    ]
+    points = []
+    for run, g in d.groupby("_run"):
+        vals = {m: g[g.method == m].value.iloc[-1] for m in METHODS if (g.method == m).any()}
+        less = g[g.method == "less"]
+        if len(vals) < 3 or less.checkpoint.isna().all():
+            continue
+        point = study_point(str(less.checkpoint.iloc[-1]))
+        if not point:
+            continue
+        smp = [_samples(g[g.method == m].iloc[-1]) for m in METHODS]
+        low = high = float("nan")
+        if all(x is not None for x in smp):  # paired over the same windows
+            est = stats.gap_closed(*smp)
+            low, high = est.low, est.high
+        points.append(
+            {
+                "dataset": less.dataset.iloc[-1],
+                "policy": less.policy.iloc[-1],
+                "budget": less.budget.iloc[-1],
+                **point,
+                "Full": vals["full"],
+                "Baseline+": vals["baseline_plus"],
+                "LESS": vals["less"],
+                "gap closed": gap_closed(vals["full"], vals["baseline_plus"], vals["less"]),
+                "95% interval": "–" if math.isnan(low) else f"[{low:.3f}, {high:.3f}]",
+                "_low": low,
+                "_high": high,
+                "_samples": smp if all(x is not None for x in smp) else None,
+                "run": run,
+            }
+        )
+    table = pd.DataFrame(points)
+    if table.empty:
+        return table
+    return table.sort_values(["dataset", "policy", "epochs", "hidden", "rank", "train tokens"])
+
+
+def _gap_change(a: list, b: list) -> stats.Estimate:
+    """gap closed(b) − gap closed(a), a and b each (Full, Baseline+, LESS) samples, paired over
+    the windows the six share."""
+
+    def change(fa, pa, la, fb, pb, lb):
+        return (pb - lb) / (pb - fb) - (pa - la) / (pa - fa)
+
+    return stats.estimate([*a, *b], change)
+
+
+def comparisons(table: pd.DataFrame) -> pd.DataFrame:
+    """Every two points of one (dataset, policy, budget) that differ in exactly one factor: the
+    change in gap closed from the smaller setting to the larger, with its paired interval."""
+    rows = []
+    if table.empty:
+        return pd.DataFrame()
+    for _, g in table.groupby(["dataset", "policy", "budget"]):
+        for (_, a), (_, b) in itertools.combinations(g.iterrows(), 2):
+            differ = [f for f in FACTORS if a[f] != b[f]]
+            if len(differ) != 1 or a["_samples"] is None or b["_samples"] is None:
+                continue
+            f = differ[0]
+            if a[f] > b[f]:
+                a, b = b, a
+            est = _gap_change(a["_samples"], b["_samples"])
+            fixed = ", ".join(f"{k} {a[k]}" for k in FACTORS if k != f)
+            rows.append(
+                {
+                    "dataset": a["dataset"],
+                    "policy": a["policy"],
+                    "budget": a["budget"],
+                    "factor": f,
+                    "from → to": f"{a[f]} → {b[f]}",
+                    "at": fixed,
+                    "Δ gap closed": f"{est.value:+.3f}",
+                    "95% interval": "–"
+                    if math.isnan(est.low)
+                    else f"[{est.low:+.3f}, {est.high:+.3f}]",
+                    "verdict": "–"
+                    if math.isnan(est.low)
+                    else ("not significant" if not est.significant else "significant"),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _figures(table: pd.DataFrame, fig_dir: Path) -> list[str]:
+    from lessctl.report import _figure
+
+    names = []
+    for (dataset, policy, budget), g in table.groupby(["dataset", "policy", "budget"]):
+        name = f"study-gap-{dataset}-{policy}-{int(budget)}.png"
+
+        def draw(ax, g=g, title=f"study: {dataset} {policy} budget {int(budget)}"):
+            for (ep, hid, r), s in g.groupby(["epochs", "hidden", "rank"]):
+                err = [s["gap closed"] - s["_low"], s["_high"] - s["gap closed"]]
+                ax.errorbar(
+                    s["train tokens"],
+                    s["gap closed"],
+                    yerr=None if s["_low"].isna().any() else err,
+                    marker="o",
+                    capsize=3,
+                    label=f"epochs {ep}, hidden {hid}, R {r}",
+                )
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set_xscale("log")
+            ax.set_xlabel("training tokens")
+            ax.set_ylabel("gap closed (Baseline+ → Full)")
+            ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=6)
+
+        _figure(fig_dir / name, draw)
+        names.append(name)
+    return names
+
+
+def sections(df: pd.DataFrame, fig_dir: Path) -> list[str]:
+    """The study's Markdown: points table, figure, one-factor comparisons (none: no lines)."""
+    from lessctl.report import _md
+
+    table = study_table(df)
+    if table.empty:
+        return []
+    out = [
+        "## Study: what moves the gap (experiment=study, word perplexity)",
+        "",
+        _md(table.drop(columns=["run", "_low", "_high", "_samples"])),
+        "",
+    ]
+    out += [f"![{f}](figures/{f})" for f in _figures(table, fig_dir)] + [""]
+    comp = comparisons(table)
+    if not comp.empty:
+        out += [
+            "One factor at a time: the change in gap closed between two points that differ in "
+            "that factor alone (paired over the same windows; 95% bootstrap interval).",
+            "",
+            _md(comp),
+            "",
+        ]
+    return out
