@@ -107,6 +107,10 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("eval.temperature", number(0.0, lo_open=True)),
         ("eval.max_prompt_tokens", optional(int_at_least(1))),
         ("eval.batch_size", int_at_least(1)),
+        (
+            "eval.reuse_predictions",
+            list_of((lambda v: isinstance(v, str) and bool(v), "a run folder path"), empty=True),
+        ),
         ("bench.contexts", list_of(int_at_least(2))),
         ("bench.batch_sizes", list_of(int_at_least(1))),
         ("bench.warmup", int_at_least(0)),

@@ -307,6 +307,34 @@ def test_passkey_end_to_end_full_equals_huge_budget(tmp_path, monkeypatch):
     ]
 
 
+def test_predictions_are_read_back_from_an_earlier_run(tmp_path, monkeypatch):
+    """eval.reuse_predictions: a method whose predictions of the very same samples exist in an
+    earlier run folder is read back (rows equal, `reused_from` set, nothing generated); other
+    samples (another seed) are generated anew."""
+    from lessctl.runs import list_runs
+    from lessctl.tasks import longcontext
+
+    monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
+    args = ["task=passkey", "task.lengths=[300]", "task.depths=[0,1]", "task.samples=1"]
+    args += ["task.max_new_tokens=3", "policy.budget.size=24", "eval.methods=[full,baseline]"]
+    assert _run_cli(*args).exit_code == 0
+    [first] = list_runs("results", "eval")
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated although the predictions exist")
+
+    monkeypatch.setattr(longcontext, "answer", no_generation)
+    res = _run_cli(*args, f"eval.reuse_predictions=[{first.path}]")
+    assert res.exit_code == 0, res.output
+    second = next(r for r in list_runs("results", "eval") if r.path != first.path)
+    key = lambda r: (r["method"], r["depth"], r["metric"])  # noqa: E731
+    want = {key(r): r["value"] for r in first.rows()}
+    assert {key(r): r["value"] for r in second.rows()} == want
+    assert {r["reused_from"] for r in second.rows()} == {str(first.path)}
+    res = _run_cli(*args, "seed=1", f"eval.reuse_predictions=[{first.path}]")
+    assert res.exit_code == 1 and "generated although" in str(res.exception)
+
+
 @pytest.mark.slow
 def test_smollm2_full_cache_retrieves_a_short_passkey(compose, smollm2, tmp_path):
     """The embedded model can do the task (measured: 4/4 at 300 tokens, greedy), so a

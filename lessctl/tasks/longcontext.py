@@ -25,6 +25,7 @@ mean and a 95% Wilson interval (for 0/1 scores) or a normal interval.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -206,6 +207,27 @@ def _cell(s: Sample) -> tuple:
     return (s.length, s.depth, tuple(sorted(s.group.items())))
 
 
+def reused(
+    dirs: list[str], file_name: str, samples: list[Sample], checkpoint: str | None
+) -> tuple[dict[int, str], str] | None:
+    """Predictions of these samples read back from an earlier run folder in ``dirs`` (its
+    ``predictions/<file_name>``), with the folder, or None where none matches: the same sample
+    ids and reference answers, in order, and the same LESS checkpoint (None for the others)."""
+    for d in dirs:
+        path = Path(d) / "predictions" / file_name
+        if not path.exists():
+            continue
+        with open(path, encoding="utf-8") as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        same = len(recs) == len(samples) and all(
+            r["id"] == s.id and r["answers"] == s.answers and r.get("checkpoint") == checkpoint
+            for r, s in zip(recs, samples, strict=False)
+        )
+        if same:
+            return {i: r["prediction"] for i, r in enumerate(recs)}, str(Path(d))
+    return None
+
+
 def run_samples(
     cfg: DictConfig,
     model,
@@ -232,11 +254,15 @@ def run_samples(
     out_dir = Path(run_dir) / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
     name = str(cfg.task.name)
+    reuse_dirs = [str(d) for d in cfg.eval.get("reuse_predictions") or []]
     rows = []
     for m in methods:
         t0 = time.perf_counter()
-        preds: dict[int, str] = {}
-        for a in range(0, len(order), bs):
+        budget = m.policy.budget
+        file_name = f"{name}-{m.name}-{budget}.jsonl"
+        back = reused(reuse_dirs, file_name, samples, m.checkpoint)
+        preds: dict[int, str] = {} if back is None else back[0]
+        for a in range(0, 0 if back else len(order), bs):
             idx = order[a : a + bs]
             got = answer(
                 model,
@@ -249,7 +275,6 @@ def run_samples(
             )
             for i, toks in zip(idx, got, strict=True):
                 preds[i] = tokenizer.decode(toks, skip_special_tokens=True)
-        budget = m.policy.budget
         per = []
         for i, s in enumerate(samples):
             sc = score(preds[i], s.answers, s.match)
@@ -263,10 +288,11 @@ def run_samples(
                     **s.group,
                     "prediction": preds[i],
                     "answers": s.answers,
+                    "checkpoint": m.checkpoint,
                     **sc,
                 }
             )
-        path = out_dir / f"{name}-{m.name}-{budget}.jsonl"
+        path = out_dir / file_name
         write_jsonl_atomic(path, per)
         cells: dict[tuple, list[int]] = defaultdict(list)
         for i, s in enumerate(samples):
@@ -282,6 +308,7 @@ def run_samples(
             "checkpoint": m.checkpoint,
             "question": question,
             "predictions": str(path),
+            "reused_from": None if back is None else back[1],
         }
         for (length, depth, group), ix in sorted(cells.items(), key=lambda c: str(c[0])):
             for metric in ("contains", "exact"):
@@ -302,8 +329,9 @@ def run_samples(
                     }
                 )
         acc = sum(p["contains"] for p in per) / len(per)
+        how = "" if back is None else f", read back from {back[1]}"
         log(
             f"{name:18s} {m.name:14s} budget={budget}  contains {acc:.3f} over {len(per)} "
-            f"samples  ({time.perf_counter() - t0:.0f}s)"
+            f"samples  ({time.perf_counter() - t0:.0f}s{how})"
         )
     return rows
