@@ -88,16 +88,6 @@ def study_table(df: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(["dataset", "policy", "epochs", "hidden", "rank", "train tokens"])
 
 
-def _gap_change(a: list, b: list) -> stats.Estimate:
-    """gap closed(b) − gap closed(a), a and b each (Full, Baseline+, LESS) samples, paired over
-    the windows the six share."""
-
-    def change(fa, pa, la, fb, pb, lb):
-        return (pb - lb) / (pb - fb) - (pa - la) / (pa - fa)
-
-    return stats.estimate([*a, *b], change)
-
-
 def comparisons(table: pd.DataFrame) -> pd.DataFrame:
     """Every two points of one (dataset, policy, budget) that differ in exactly one factor: the
     change in gap closed from the smaller setting to the larger, with its paired interval."""
@@ -112,7 +102,7 @@ def comparisons(table: pd.DataFrame) -> pd.DataFrame:
             f = differ[0]
             if a[f] > b[f]:
                 a, b = b, a
-            est = _gap_change(a["_samples"], b["_samples"])
+            est = stats.gap_closed_change(a["_samples"], b["_samples"])
             fixed = ", ".join(f"{k} {a[k]}" for k in FACTORS if k != f)
             rows.append(
                 {

@@ -138,10 +138,23 @@ def difference(a: Samples, b: Samples, **kw) -> Estimate:
     return estimate([a, b], lambda x, y: x - y, **kw)
 
 
+def _gap(f, p, le):
+    """(plus − less) / (plus − full) of the figures (arrays or floats)."""
+    return (p - le) / (p - f)
+
+
 def gap_closed(full: Samples, plus: Samples, less: Samples, **kw) -> Estimate:
     """Share of the Baseline+→Full gap that LESS closes, (plus − less) / (plus − full), with its
     paired interval. The same formula holds for lower- and higher-is-better figures."""
-    return estimate([full, plus, less], lambda f, p, le: (p - le) / (p - f), **kw)
+    return estimate([full, plus, less], _gap, **kw)
+
+
+def gap_closed_change(a: Sequence[Samples], b: Sequence[Samples], **kw) -> Estimate:
+    """gap closed(b) − gap closed(a), each a (Full, Baseline+, LESS) triple, with its interval
+    paired over the units all six share (two study points evaluated on the same windows)."""
+    return estimate(
+        [*a, *b], lambda fa, pa, la, fb, pb, lb: _gap(fb, pb, lb) - _gap(fa, pa, la), **kw
+    )
 
 
 def verdict(d: Estimate, lower_is_better: bool) -> str:

@@ -262,8 +262,8 @@ def run_samples(
         file_name = f"{name}-{m.name}-{budget}.jsonl"
         back = reused(reuse_dirs, file_name, samples, m.checkpoint)
         preds: dict[int, str] = {} if back is None else back[0]
-        for a in range(0, 0 if back else len(order), bs):
-            idx = order[a : a + bs]
+        batches = [] if back is not None else [order[a : a + bs] for a in range(0, len(order), bs)]
+        for idx in batches:
             got = answer(
                 model,
                 [laid[i][0] for i in idx],
