@@ -1,7 +1,8 @@
 """The decode-benchmark part of `lessctl report`, from the newest bench run's rows (ratios are
 only meaningful within one run): per-token decode and prefill per method and context, the
-latency ratios LESS/baseline, baseline/full and LESS/full, throughput at equal memory, and the
-steady decode step's time per phase. Returns Markdown lines."""
+latency ratios LESS/baseline, baseline/full and LESS/full (of the isolated measurements, and of
+the interleaved ones with their intervals), throughput at equal memory, and the steady decode
+step's time per phase. Returns Markdown lines."""
 
 from __future__ import annotations
 
@@ -46,6 +47,37 @@ def _figures(d: pd.DataFrame, fig_dir: Path) -> list[str]:
     return names
 
 
+def _paired_section(d: pd.DataFrame) -> list[str]:
+    """The interleaved ratios (:mod:`lessctl.bench.paired`) with their intervals."""
+    from lessctl.bench import paired_ratios
+    from lessctl.report import _md
+
+    p = d[d.metric == "paired_ms"]
+    if p.empty:
+        return []
+    est = paired_ratios(p.to_dict("records"))
+    t = pd.DataFrame(
+        [
+            {
+                "context": c,
+                "ratio": f"{num} / {den}",
+                "value": e.value,
+                "95% interval": f"[{e.low:.3f}, {e.high:.3f}]",
+                "rounds": len(p.iloc[0]["samples_ms"]),
+            }
+            for (c, num, den), e in est.items()
+        ]
+    )
+    return [
+        "Latency ratios from interleaved steps (every method's cache in one process, one step "
+        "of each in turn, so the machine's load falls on all alike; mean step time, paired "
+        "bootstrap over rounds):",
+        "",
+        _md(t),
+        "",
+    ]
+
+
 def bench_sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
     """Markdown for the newest bench run in ``rows`` (all saved rows; empty: no lines)."""
     from lessctl.report import _md
@@ -79,8 +111,10 @@ def bench_sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
                     row[f"{num} / {den}"] = lat[(c, bs, num)] / lat[(c, bs, den)]
             ratios.append(row)
         out += ["Latency ratios (same run):", "", _md(pd.DataFrame(ratios)), ""]
+    out += _paired_section(d)
     pre = w[w.get("latency_ms").isna()] if "latency_ms" in w else w[:0]
-    if not pre.empty and "prefill_s" in pre:
+    pre = pre[pre["prefill_s"].notna()] if "prefill_s" in pre else pre[:0]
+    if not pre.empty:
         t = pre[["method", "policy", "budget", "context"]].copy()
         t["prefill s"] = pre["prefill_s"]
         t["prefill peak MiB"] = pre["prefill_peak_mem_bytes"] / MiB

@@ -120,6 +120,7 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("bench.prefill_chunk", int_at_least(1)),
         ("bench.prefill_contexts", list_of(int_at_least(2), empty=True)),
         ("bench.throughput_contexts", list_of(int_at_least(2), empty=True)),
+        ("bench.paired_contexts", list_of(int_at_least(2), empty=True)),
         ("bench.memory_cap_mb", number(0, lo_open=True)),
         ("bench.max_batch", int_at_least(1)),
         ("bench.breakdown", BOOL),

@@ -5,9 +5,14 @@ caches' does not)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lessctl import bench
-from lessctl.models import load_model
+from lessctl.bench.measure import bench_kernels, make_cache
+from lessctl.bench.paired import interleaved, ratio
+from lessctl.cache import prefill, running
+from lessctl.models import attention_geometry, load_model
+from lessctl.policies.budget import build_policy
 
 MiB = 2**20
 
@@ -23,6 +28,7 @@ def test_bench_rows_cache_bytes_and_peaks_per_method(compose):
         "bench.contexts=[128,4096]",
         "bench.prefill_contexts=[]",
         "bench.throughput_contexts=[]",
+        "bench.paired_contexts=[]",
         "bench.breakdown=false",
         "bench.steps=2",
         "bench.warmup=1",
@@ -65,6 +71,7 @@ def test_bench_rows_and_cache_bytes_in_one_process(compose, tiny_model):
         "bench.prefill_chunk=32",
         "bench.prefill_contexts=[512]",
         "bench.throughput_contexts=[128]",
+        "bench.paired_contexts=[64]",
         "bench.memory_cap_mb=0.25",
         "bench.max_batch=64",
         "bench.steps=2",
@@ -76,6 +83,11 @@ def test_bench_rows_and_cache_bytes_in_one_process(compose, tiny_model):
     )
     lines: list[str] = []
     rows = bench.run(cfg, model, tok, log=lines.append)
+    paired = [r for r in rows if r["metric"] == "paired_ms"]
+    assert sorted(r["method"] for r in paired) == ["baseline", "full", "less"]
+    assert all(len(r["samples_ms"]) == 2 and r["context"] == 64 for r in paired)
+    assert any("context 64 interleaved: less/baseline" in line for line in lines)
+    rows = [r for r in rows if r["metric"] != "paired_ms"]
     got = {(r["method"], r["context"], r["metric"]): r["value"] for r in rows}
     # full only up to full_max_context; every decode row has every metric
     assert {(m, c) for m, c, _ in got} == {
@@ -107,3 +119,49 @@ def test_bench_rows_and_cache_bytes_in_one_process(compose, tiny_model):
     assert got[("baseline", 128, "step_state_update_us")] == 0
     assert any("less/baseline" in line for line in lines)
     assert any("prefill less context 512" in line for line in lines)
+
+
+def test_interleaved_steps_decode_as_each_method_alone(compose, tiny_model):
+    """One step of each method in turn: every cache decodes exactly the tokens it decodes alone
+    (the methods' caches and attention functions do not leak into each other)."""
+    model, _ = tiny_model
+    cfg = compose(
+        "model=tiny-random",
+        "bench.prefill_chunk=32",
+        "bench.steps=4",
+        "bench.warmup=2",
+        "policy=lambda",
+        "policy.budget.size=16",
+        "less.hidden=32",
+    )
+    names = ["full", "baseline", "less"]
+    got = interleaved(cfg, model, names, 64)
+    ids = torch.randint(
+        0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0)
+    )
+    geo = attention_geometry(model)
+    policy = build_policy(
+        cfg.policy, seq_len=64, max_position_embeddings=geo["max_position_embeddings"]
+    )
+    for name in names:
+        kernels = bench_kernels(cfg, geo, "cpu", policy)[0] if name == "less" else None
+        cache, chunk = make_cache(model, name, policy, kernels, 32)
+        x, alone = prefill(model, cache, ids, chunk).argmax(-1, keepdim=True), []
+        with running(model, cache), torch.no_grad():
+            for _ in range(6):
+                x = model(x, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                alone.append(int(x))
+        assert got[name]["tokens"] == alone, name
+        assert len(got[name]["ms"]) == 4 and min(got[name]["ms"]) > 0
+    assert got["full"]["budget"] is None and got["less"]["budget"] == 16
+    assert got["less"]["cols"]["kernels"] == "untrained"
+
+
+def test_paired_ratio_pairs_rounds():
+    """A round is a unit: a ratio that holds in every round has a zero-width interval however
+    much the rounds differ (an unpaired bootstrap would not)."""
+    den = [10.0, 50.0, 12.0, 90.0, 30.0, 11.0]
+    e = ratio([1.1 * x for x in den], den)
+    assert e.value == pytest.approx(1.1) and e.high - e.low < 1e-9
+    e = ratio([10.0, 11.0, 9.0, 10.5], [10.0, 10.0, 10.0, 10.0])
+    assert e.low < 1.0 < e.high  # mean 1.0125: not distinguishable from 1

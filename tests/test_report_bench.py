@@ -55,3 +55,16 @@ def test_ratios_come_from_the_newest_run(tmp_path):
 
 def test_no_bench_rows_no_section(tmp_path):
     assert bench_sections(pd.DataFrame([{"task": "perplexity", "metric": "x"}]), tmp_path) == []
+
+
+def test_interleaved_ratios_with_intervals(tmp_path):
+    run = "20260102-000000-000000-x"
+    base = rows(run, {("baseline", 1024): 50.0, ("less", 1024): 55.0})
+    den = [40.0, 60.0, 50.0]
+    paired = [
+        {**base[0], "method": m, "metric": "paired_ms", "value": sum(ms) / 3, "samples_ms": ms}
+        for m, ms in (("baseline", den), ("less", [1.2 * x for x in den]))
+    ]
+    md = "\n".join(bench_sections(pd.DataFrame(base + paired), tmp_path))
+    assert "| 1024 | less / baseline | 1.200 | [1.200, 1.200] | 3 |" in md
+    assert "Prefill only" not in md  # the interleaved rows are not prefill-only rows

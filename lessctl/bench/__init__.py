@@ -26,7 +26,9 @@ timed per phase, :mod:`lessctl.bench.breakdown`); at ``bench.throughput_contexts
 ``equal_memory_batch`` / ``equal_memory_tokens_per_s``: the largest batch whose cache fits
 ``bench.memory_cap_mb`` (at most ``bench.max_batch``) and its decode throughput (the prefilled
 cache replicated over the batch; prefill not counted). ``bench.prefill_contexts``: prefill-only
-rows for ``less`` (a prompt longer than memory would allow unchunked).
+rows for ``less`` (a prompt longer than memory would allow unchunked). ``bench.paired_contexts``:
+rows ``paired_ms`` (mean, with every step in ``samples_ms``) from one step of each method in turn
+in this process (:mod:`lessctl.bench.paired`), whose ratios carry a paired bootstrap interval.
 """
 
 from __future__ import annotations
@@ -39,11 +41,21 @@ from omegaconf import DictConfig
 
 from lessctl.bench.measure import bench_kernels, chunked_prefill_ok, decode_steps, measure
 from lessctl.bench.memory import in_fresh_process, peak_memory, reset_peak, return_freed_memory
+from lessctl.bench.paired import interleaved, ratio
 from lessctl.errors import LessctlError
 from lessctl.models import attention_geometry
 from lessctl.policies.budget import build_policy
+from lessctl.stats import Estimate
 
-__all__ = ["METRICS", "decode_steps", "latency_ratios", "peak_memory", "reset_peak", "run"]
+__all__ = [
+    "METRICS",
+    "decode_steps",
+    "latency_ratios",
+    "paired_ratios",
+    "peak_memory",
+    "reset_peak",
+    "run",
+]
 
 BENCH_METHODS = ("full", "baseline", "less")
 METRICS = (
@@ -122,33 +134,62 @@ def run(cfg: DictConfig, model, tokenizer, log=print) -> list[dict[str, Any]]:
             plan += [(int(c), 1, "less", False) for c in b.prefill_contexts]
         else:
             log("no prefill-only rows: LESS cannot prefill in chunks on sliding-window layers")
-    for c in sorted({p[0] for p in plan}):
+    paired = [int(c) for c in b.get("paired_contexts", [])]
+    for c in sorted({p[0] for p in plan} | set(paired)):
         _check(cfg, model, names, c)
     rows: list[dict[str, Any]] = []
     for context, batch, name, decode in plan:
         t0 = time.perf_counter()
         got = isolated_measure(cfg, model, name, context, batch, decode)
-        base = {
-            "task": "bench",
-            "model": cfg.model.name,
-            "method": name,
-            "policy": "full" if name == "full" else cfg.policy.name,
-            "budget": got["budget"],
-            "context": context,
-            "batch_size": batch,
-            "prefill_chunk": int(b.prefill_chunk),
-            "memory_cap_mb": float(b.memory_cap_mb),
-            "kernels": None,
-            "trained_budget": None,
-            "transfer": None,
-            **got["cols"],
-        }
+        base = _columns(cfg, name, context, batch, got["budget"], got["cols"])
         rows += [{**base, "metric": k, "value": float(v)} for k, v in got["values"].items()]
         what = "decode" if decode else "prefill only"
         log(f"{name} context {context} batch {batch} ({what}): {time.perf_counter() - t0:.1f}s")
+    for context in paired:
+        t0 = time.perf_counter()
+        here = [n for n in names if n != "full" or context <= full_max]
+        for name, got in interleaved(cfg, model, here, context).items():
+            base = _columns(cfg, name, context, 1, got["budget"], got["cols"])
+            mean = sum(got["ms"]) / len(got["ms"])
+            rows.append({**base, "metric": "paired_ms", "value": mean, "samples_ms": got["ms"]})
+        log(f"interleaved {', '.join(here)} context {context}: {time.perf_counter() - t0:.1f}s")
     for line in summary(rows):
         log(line)
     return rows
+
+
+def _columns(cfg: DictConfig, name: str, context: int, batch: int, budget, cols: dict) -> dict:
+    """A bench row's identity and provenance columns (without metric and value)."""
+    return {
+        "task": "bench",
+        "model": cfg.model.name,
+        "method": name,
+        "policy": "full" if name == "full" else cfg.policy.name,
+        "budget": budget,
+        "context": context,
+        "batch_size": batch,
+        "prefill_chunk": int(cfg.bench.prefill_chunk),
+        "memory_cap_mb": float(cfg.bench.memory_cap_mb),
+        "kernels": None,
+        "trained_budget": None,
+        "transfer": None,
+        **cols,
+    }
+
+
+RATIOS = (("less", "baseline"), ("baseline", "full"), ("less", "full"))
+
+
+def paired_ratios(rows: list[dict[str, Any]]) -> dict[tuple[int, str, str], Estimate]:
+    """{(context, num, den): mean step time of num / den over the same interleaved rounds, with
+    its paired bootstrap interval} from the ``paired_ms`` rows."""
+    ms = {(r["context"], r["method"]): r["samples_ms"] for r in rows if r["metric"] == "paired_ms"}
+    return {
+        (c, num, den): ratio(ms[(c, num)], ms[(c, den)])
+        for c in sorted({c for c, _ in ms})
+        for num, den in RATIOS
+        if (c, num) in ms and (c, den) in ms
+    }
 
 
 def _by(rows: list[dict], metric: str) -> dict[tuple[int, int, str], float]:
@@ -187,7 +228,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         )
     for c, bs in sorted({(c, bs) for c, bs, _ in lat}):
         ratios = []
-        for num, den in (("less", "baseline"), ("baseline", "full"), ("less", "full")):
+        for num, den in RATIOS:
             if (c, bs, num) in lat and (c, bs, den) in lat:
                 ratios.append(f"{num}/{den} = {lat[(c, bs, num)] / lat[(c, bs, den)]:.2f}")
         if ratios:
@@ -195,4 +236,8 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     pre = _by(rows, "prefill_peak_mem_bytes")
     for (c, bs, m), v in sorted(pre.items()):
         out.append(f"prefill {m} context {c} batch {bs}: peak {v / 2**20:.0f} MiB")
+    for (c, num, den), e in paired_ratios(rows).items():
+        out.append(
+            f"context {c} interleaved: {num}/{den} = {e.value:.3f} [{e.low:.3f}, {e.high:.3f}]"
+        )
     return out

@@ -47,7 +47,8 @@ def bench_kernels(
         return kernels, {"kernels": "untrained", "trained_budget": None, "transfer": None}
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device (CUDA) so that a host timer measures its work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -126,10 +127,10 @@ def measure(
     ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
     cache, chunk = make_cache(model, name, policy, kernels, chunk)
     reset_peak(device)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     first = prefill(model, cache, ids, chunk).argmax(-1, keepdim=True)
-    _sync(device)
+    sync(device)
     values: dict[str, float] = {
         "prefill_s": time.perf_counter() - t0,
         "prefill_peak_mem_bytes": peak_memory(device),

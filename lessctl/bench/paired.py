@@ -1,0 +1,74 @@
+"""Latency ratios from interleaved steps, so that the machine's load cannot decide them.
+
+Measured alone, each method meets the machine at a different time: on a shared host a ratio of
+two such latencies moves by ±0.2 between runs. Here every method's cache is prefilled in this
+process (as :func:`lessctl.bench.measure.measure` does) and then decoded one greedy step at a
+time in turn, the order rotating every round, so that a change of load falls on all methods
+alike. A round is a unit: the ratio of two methods' mean step times comes with a paired
+bootstrap interval over rounds (:mod:`lessctl.stats`). Memory is not measured here (every cache
+lives in one process): that stays with the isolated measurement.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from lessctl.bench.measure import bench_kernels, make_cache, sync
+from lessctl.cache import prefill, running
+from lessctl.models import attention_geometry
+from lessctl.policies.budget import build_policy
+from lessctl.stats import Estimate, Samples, estimate
+
+
+def _step(model, cache, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One greedy decode step of ``x`` [B,1] -> (next token [B,1], seconds)."""
+    with running(model, cache), torch.no_grad():
+        sync(x.device)
+        t0 = time.perf_counter()
+        logits = model(x, cache=cache, use_cache=True, logits_to_keep=1).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        sync(x.device)
+        return nxt, time.perf_counter() - t0
+
+
+def interleaved(cfg: DictConfig, model, names: list[str], context: int) -> dict[str, dict]:
+    """Every method in ``names`` at ``context`` (batch 1), prefilled here, then ``bench.warmup``
+    untimed and ``bench.steps`` timed rounds of one step each, the order rotating per round
+    -> {method: {"ms": [steps] ms per timed step, "tokens": [warmup + steps] greedy tokens,
+    "budget": the policy's budget (None: full), "cols": the kernels' columns (less)}}."""
+    b = cfg.bench
+    geo = attention_geometry(model)
+    policy = build_policy(
+        cfg.policy, seq_len=context, max_position_embeddings=geo["max_position_embeddings"]
+    )
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    ids = torch.randint(0, vocab, (1, context), generator=gen).to(model.device)
+    caches, x = {}, {}
+    out = {n: {"ms": [], "tokens": [], "budget": policy.budget, "cols": {}} for n in names}
+    for name in names:
+        kernels = None
+        if name == "less":
+            kernels, out[name]["cols"] = bench_kernels(cfg, geo, model.device, policy)
+        if name == "full":
+            out[name]["budget"] = None
+        caches[name], chunk = make_cache(model, name, policy, kernels, int(b.prefill_chunk))
+        x[name] = prefill(model, caches[name], ids, chunk).argmax(-1, keepdim=True)
+    warmup = int(b.warmup)
+    for i in range(warmup + int(b.steps)):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            x[name], seconds = _step(model, caches[name], x[name])
+            out[name]["tokens"].append(int(x[name][0, 0]))
+            if i >= warmup:
+                out[name]["ms"].append(seconds * 1e3)
+    return out
+
+
+def ratio(num_ms: list[float], den_ms: list[float], seed: int = 0) -> Estimate:
+    """Mean step time of one method over another's, paired by round, with its interval."""
+    ones = [1.0] * len(num_ms)
+    return estimate([Samples(num_ms, ones), Samples(den_ms, ones)], lambda a, b: a / b, seed=seed)
