@@ -252,7 +252,8 @@ def eval_(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
 def bench(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
     """Decode latency, tokens/s, cache bytes, peak memory and prefill cost over context
     lengths (bench.contexts) for full, the policy and LESS through the real-eviction cache;
-    throughput at equal memory (bench.memory_cap_mb) and a per-phase breakdown of the step."""
+    throughput at equal memory (bench.memory_cap_mb), a per-phase breakdown of the step, and
+    latency ratios with intervals from interleaved steps (bench.paired_contexts)."""
     cfg = compose(overrides, print_cfg)
     if cfg is None:
         return
