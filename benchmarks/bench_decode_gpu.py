@@ -53,6 +53,7 @@ DEFAULTS = [
     "bench.prefill_chunk=4096",
     "bench.prefill_contexts=[131072]",
     "bench.throughput_contexts=[4096,16384]",
+    "bench.paired_contexts=[1024,8192,32768]",
     "bench.memory_cap_mb=40960",
     "bench.max_batch=256",
     "bench.steps=32",
