@@ -118,7 +118,9 @@ def method_table(df: pd.DataFrame, metric: str, lower_is_better: bool) -> pd.Dat
     """One row per (model, dataset, source, window, settings, policy, budget): a column per
     method + the gap closed. Full is matched on the same model, dataset, source, window and
     `SETTINGS` (the columns the rows have), never across different evaluation settings."""
-    d = df[df.metric == metric]
+    d = df[df.metric == metric] if "metric" in df else df[:0]
+    if d.empty:  # e.g. a results folder with bench runs alone
+        return pd.DataFrame()
     d = d.assign(window=d["window"].fillna(-1) if "window" in d else -1)
     extra = [c for c in SETTINGS if c in d and d[c].notna().any()]
     d = d.assign(**{c: d[c].map(lambda x: "–" if x != x or x is None else str(x)) for c in extra})

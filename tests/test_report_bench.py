@@ -68,3 +68,11 @@ def test_interleaved_ratios_with_intervals(tmp_path):
     md = "\n".join(bench_sections(pd.DataFrame(base + paired), tmp_path))
     assert "| 1024 | less / baseline | 1.200 | [1.200, 1.200] | 3 |" in md
     assert "Prefill only" not in md  # the interleaved rows are not prefill-only rows
+
+
+def test_bench_rows_alone_make_no_method_table():
+    """A results folder with bench runs alone: the perplexity tables are empty, not an error."""
+    from lessctl.report import method_table
+
+    d = pd.DataFrame(rows("20260102-000000-000000-x", {("less", 1024): 5.0}))
+    assert method_table(d, "ppl_word", lower_is_better=True).empty
