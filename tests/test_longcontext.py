@@ -335,6 +335,69 @@ def test_predictions_are_read_back_from_an_earlier_run(tmp_path, monkeypatch):
     assert res.exit_code == 1 and "generated although" in str(res.exception)
 
 
+def test_an_interrupted_run_resumes_from_its_finished_batches(tmp_path, monkeypatch):
+    """Each finished batch is saved (predictions/<file>.partial); a run stopped half-way is
+    resumed by eval.reuse_predictions=[its folder]: only the missing samples are generated and
+    the rows equal those of an uninterrupted run."""
+    from lessctl.runs import list_runs
+    from lessctl.tasks import longcontext
+
+    monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
+    args = ["task=passkey", "task.lengths=[300]", "task.depths=[0,0.5,1]", "task.samples=1"]
+    args += ["task.max_new_tokens=3", "policy.budget.size=24", "eval.methods=[baseline]"]
+    args += ["eval.batch_size=1"]
+    real, calls = longcontext.answer, []
+
+    def stops_at_the_third(*a, **k):
+        calls.append(len(a[1]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(longcontext, "answer", stops_at_the_third)
+    assert _run_cli(*args).exit_code != 0
+    [stopped] = list_runs("results", "eval")
+    [partial] = (stopped.path / "predictions").glob("*.partial")
+    assert len(partial.read_text().splitlines()) == 2
+    calls.clear()
+    monkeypatch.setattr(longcontext, "answer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert _run_cli(*args, f"eval.reuse_predictions=[{stopped.path}]").exit_code == 0
+    assert calls == [1]  # the third sample alone
+    assert _run_cli(*args).exit_code == 0
+    resumed, scratch = sorted(
+        (r for r in list_runs("results", "eval") if r.path != stopped.path), key=lambda r: r.path
+    )
+    key = lambda r: (r["depth"], r["metric"], r["value"])  # noqa: E731
+    assert sorted(map(key, resumed.rows())) == sorted(map(key, scratch.rows()))
+    assert {r["reused"] for r in resumed.rows()} == {2}
+    assert not list((resumed.path / "predictions").glob("*.partial"))
+
+
+def test_predictions_of_another_policy_or_budget_are_not_read_back(tmp_path, monkeypatch):
+    """The input digest holds the method's policy and budget: lambda's predictions are not
+    h2o's, nor are those at another budget."""
+    from lessctl.runs import list_runs
+    from lessctl.tasks import longcontext
+
+    monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
+    args = ["task=passkey", "task.lengths=[300]", "task.depths=[0]", "task.samples=1"]
+    args += ["task.max_new_tokens=3", "eval.methods=[baseline]"]
+    assert _run_cli(*args, "policy=lambda", "policy.budget.size=24").exit_code == 0
+    [first] = list_runs("results", "eval")
+    calls = []
+    real = longcontext.answer
+    monkeypatch.setattr(longcontext, "answer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    reuse = f"eval.reuse_predictions=[{first.path}]"
+    for other in (
+        ["policy=h2o", "policy.budget.size=24"],
+        ["policy=lambda", "policy.budget.size=20"],
+    ):
+        assert _run_cli(*args, *other, reuse).exit_code == 0
+    assert calls == [1, 1]
+    assert _run_cli(*args, "policy=lambda", "policy.budget.size=24", reuse).exit_code == 0
+    assert calls == [1, 1]  # the same method and policy: read back
+
+
 @pytest.mark.slow
 def test_smollm2_full_cache_retrieves_a_short_passkey(compose, smollm2, tmp_path):
     """The embedded model can do the task (measured: 4/4 at 300 tokens, greedy), so a

@@ -19,12 +19,15 @@ answers found in the prediction, case-insensitive: RULER's string_match_all; wit
 `match=any`, 1 when any is found) and `exact` (the prediction's first line, lower-cased and
 stripped of surrounding punctuation, equals an answer; for several required answers, its words
 are exactly the answers' words). Per-sample predictions and scores go to
-`<run>/predictions/<task>-<method>-<budget>.jsonl`; rows per (length, depth, method) carry the
-mean and a 95% Wilson interval (for 0/1 scores) or a normal interval.
+`<run>/predictions/<task>-<method>-<budget>.jsonl` (``.partial`` beside it while batches are
+written, so that `eval.reuse_predictions` resumes an interrupted run per sample, matching each
+sample's input digest); rows per (length, depth, method) carry the mean and a 95% Wilson
+interval (for 0/1 scores) or a normal interval.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -207,25 +210,56 @@ def _cell(s: Sample) -> tuple:
     return (s.length, s.depth, tuple(sorted(s.group.items())))
 
 
-def reused(
-    dirs: list[str], file_name: str, samples: list[Sample], checkpoint: str | None
-) -> tuple[dict[int, str], str] | None:
-    """Predictions of these samples read back from an earlier run folder in ``dirs`` (its
-    ``predictions/<file_name>``), with the folder, or None where none matches: the same sample
-    ids and reference answers, in order, and the same LESS checkpoint (None for the others)."""
+PARTIAL = ".partial"  # suffix of a method's predictions file while its batches are written
+
+
+def input_digest(
+    model, method: Method, prompt: list[int], suffix: list[int], max_new_tokens: int
+) -> str:
+    """What a prediction depends on: the model (its config and dtype), the method (name, policy
+    with its budget, LESS checkpoint) and the sample's exact tokens and answer length."""
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    key = {
+        "model": config,  # not where it was loaded from
+        "dtype": str(model.dtype),
+        "device": model.device.type,
+        "method": method.name,
+        "policy": repr(method.policy),
+        "checkpoint": method.checkpoint,
+        "prompt": prompt,
+        "suffix": suffix,
+        "max_new_tokens": max_new_tokens,
+    }
+    blob = json.dumps(key, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def reused(dirs: list[str], file_name: str, digests: list[str]) -> tuple[dict[int, str], list[str]]:
+    """Predictions read back from earlier run folders in ``dirs`` (their
+    ``predictions/<file_name>``, or the partial file an interrupted run left), per sample: a
+    record whose input digest (:func:`input_digest`) equals the sample's -> ({sample index:
+    prediction}, the folders read from)."""
+    want = {dg: i for i, dg in enumerate(digests)}
+    got: dict[int, str] = {}
+    used: list[str] = []
     for d in dirs:
-        path = Path(d) / "predictions" / file_name
-        if not path.exists():
-            continue
-        with open(path, encoding="utf-8") as f:
-            recs = [json.loads(line) for line in f if line.strip()]
-        same = len(recs) == len(samples) and all(
-            r["id"] == s.id and r["answers"] == s.answers and r.get("checkpoint") == checkpoint
-            for r, s in zip(recs, samples, strict=False)
-        )
-        if same:
-            return {i: r["prediction"] for i, r in enumerate(recs)}, str(Path(d))
-    return None
+        for path in (
+            Path(d) / "predictions" / file_name,
+            Path(d) / "predictions" / (file_name + PARTIAL),
+        ):
+            if not path.exists():
+                continue
+            with open(path, encoding="utf-8") as f:
+                recs = [json.loads(line) for line in f if line.strip()]
+            took = False
+            for r in recs:
+                i = want.get(r.get("input"))
+                if i is not None:
+                    got.setdefault(i, r["prediction"])
+                    took = True
+            if took and str(Path(d)) not in used:
+                used.append(str(Path(d)))
+    return got, used
 
 
 def run_samples(
@@ -260,10 +294,14 @@ def run_samples(
         t0 = time.perf_counter()
         budget = m.policy.budget
         file_name = f"{name}-{m.name}-{budget}.jsonl"
-        back = reused(reuse_dirs, file_name, samples, m.checkpoint)
-        preds: dict[int, str] = {} if back is None else back[0]
-        batches = [] if back is not None else [order[a : a + bs] for a in range(0, len(order), bs)]
-        for idx in batches:
+        digests = [
+            input_digest(model, m, *laid[i], samples[i].max_new_tokens) for i in range(len(samples))
+        ]
+        preds, back = reused(reuse_dirs, file_name, digests)
+        todo = [i for i in order if i not in preds]
+        partial = out_dir / (file_name + PARTIAL)
+        for a in range(0, len(todo), bs):
+            idx = todo[a : a + bs]
             got = answer(
                 model,
                 [laid[i][0] for i in idx],
@@ -275,6 +313,11 @@ def run_samples(
             )
             for i, toks in zip(idx, got, strict=True):
                 preds[i] = tokenizer.decode(toks, skip_special_tokens=True)
+            done = [
+                {"id": samples[i].id, "input": digests[i], "prediction": preds[i]}
+                for i in sorted(preds)
+            ]
+            write_jsonl_atomic(partial, done)  # an interrupted run resumes from here
         per = []
         for i, s in enumerate(samples):
             sc = score(preds[i], s.answers, s.match)
@@ -289,11 +332,13 @@ def run_samples(
                     "prediction": preds[i],
                     "answers": s.answers,
                     "checkpoint": m.checkpoint,
+                    "input": digests[i],
                     **sc,
                 }
             )
         path = out_dir / file_name
         write_jsonl_atomic(path, per)
+        partial.unlink(missing_ok=True)
         cells: dict[tuple, list[int]] = defaultdict(list)
         for i, s in enumerate(samples):
             cells[_cell(s)].append(i)
@@ -308,7 +353,8 @@ def run_samples(
             "checkpoint": m.checkpoint,
             "question": question,
             "predictions": str(path),
-            "reused_from": None if back is None else back[1],
+            "reused_from": ", ".join(back) if back else None,
+            "reused": len(samples) - len(todo),
         }
         for (length, depth, group), ix in sorted(cells.items(), key=lambda c: str(c[0])):
             for metric in ("contains", "exact"):
@@ -329,7 +375,7 @@ def run_samples(
                     }
                 )
         acc = sum(p["contains"] for p in per) / len(per)
-        how = "" if back is None else f", read back from {back[1]}"
+        how = f", {len(samples) - len(todo)} read back from {', '.join(back)}" if back else ""
         log(
             f"{name:18s} {m.name:14s} budget={budget}  contains {acc:.3f} over {len(per)} "
             f"samples  ({time.perf_counter() - t0:.0f}s{how})"
