@@ -71,11 +71,18 @@ def sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
     d["length"] = d["length"].fillna(-1)
     for col, default in (("question", "after"), ("subtask", "–"), ("source", "")):
         d[col] = d[col].fillna(default) if col in d else default
-    # the budget a row is compared at: its run's Baseline budget (full: none)
+    # the budget a row is compared at (full: none): Baseline+ at its budget less the tokens it
+    # got for the state's bytes (so also when it ran apart from Baseline), others at their run's
+    # Baseline budget
     base = d[d.method == "baseline"].groupby(["_run", "policy"])["budget"].first()
+    extra = d["extra_tokens"] if "extra_tokens" in d else pd.Series(float("nan"), index=d.index)
     d["at_budget"] = [
-        base.get((r, p), b) if m != "full" else -1
-        for r, p, b, m in zip(d._run, d.policy, d.budget, d.method, strict=True)
+        -1
+        if m == "full"
+        else b - x
+        if m == "baseline_plus" and x == x and x is not None
+        else base.get((r, p), b)
+        for r, p, b, m, x in zip(d._run, d.policy, d.budget, d.method, extra, strict=True)
     ]
     d = d.sort_values("_run").drop_duplicates([*KEYS, "at_budget", "length", "depth"], keep="last")
     d["ok"] = d["value"] * d["samples"]

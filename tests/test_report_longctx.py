@@ -52,3 +52,19 @@ def test_longctx_heatmaps_and_budget_table(compose, tmp_path):
         "longctx-passkey-passkey-m-after-h2o-64.png",
     ]
     assert write_report(tmp_path).read_text() == text
+
+
+def test_baseline_plus_run_apart_is_listed_at_the_budget_it_matches(compose, tmp_path):
+    """Baseline+ evaluated in a run without Baseline (methods split over processes) sits in the
+    row of the budget it is matched to (its budget less extra_tokens), not a row of its own."""
+    cfg = compose(f"results_dir={tmp_path}")
+    for acc in ({"full": 1.0, "baseline": 0.25, "less": 0.75}, {"baseline_plus": 0.5}):
+        run = start_run(cfg, "eval", [])
+        rows = _rows(32, acc)
+        for r in rows:
+            r["extra_tokens"] = 4 if r["method"] == "baseline_plus" else None
+        run.add_rows(rows)
+        run.finish()
+    text = write_report(tmp_path).read_text()
+    assert "| h2o | 32 | 1.00 [0.86, 1.00] (n=24) | 0.25 [0.12, 0.45] (n=24) | 0.50 " in text
+    assert "| h2o | 36 |" not in text
