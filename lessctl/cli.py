@@ -8,7 +8,9 @@ with one line, and `--cfg` prints the resolved config and exits.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -101,7 +103,8 @@ def assets(
 @contextmanager
 def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> Iterator[Run]:
     """A run folder for `command` with the config's provenance; marked `finished` when the
-    block ends, `failed` when it raises (or exits with an error)."""
+    block ends, `interrupted` on Ctrl-C or SIGTERM (what SLURM sends at a time limit),
+    `failed` when it raises (or exits with an error)."""
     import torch
 
     from lessctl.config import resolve_device
@@ -110,17 +113,29 @@ def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> It
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
+    main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    term = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:
         device = run_stage(resolve_device, cfg.device)
         run = start_run(cfg, command, overrides or [], device=str(device))
         try:
             yield run
+        except KeyboardInterrupt:
+            run.finish("interrupted")
+            raise
         except BaseException:
             run.finish("failed")
             raise
         run.finish()
     finally:
         torch.set_num_threads(threads)  # in-process callers keep theirs
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if term is None else term)
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM ends a stage as Ctrl-C does (its run folder says `interrupted`)."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @app.command(context_settings=EXTRA)

@@ -41,3 +41,24 @@ def test_revision_is_dirty_for_code_changes_not_for_run_outputs(tmp_path, monkey
     assert runs.git_revision() == clean
     (repo / "lessctl" / "runs.py").write_text("# changed\n")
     assert runs.git_revision() == clean + "+dirty"
+
+
+def test_a_stage_ended_by_sigterm_says_interrupted_and_an_error_failed(compose, tmp_path):
+    """SIGTERM (SLURM's time limit, `kill`) ends a stage like Ctrl-C: its run folder says
+    `interrupted`, an exception says `failed`; the previous SIGTERM handler comes back."""
+    import os
+    import signal
+
+    import pytest
+
+    from lessctl.cli import _stage_run
+
+    cfg = compose("model=tiny-random", f"results_dir={tmp_path}/res")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), _stage_run("eval", [], cfg):
+        os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(ValueError), _stage_run("eval", [], cfg):
+        raise ValueError("x")
+    got = sorted(r.meta["status"] for r in list_runs(tmp_path / "res", "eval"))
+    assert got == ["failed", "interrupted"]
+    assert signal.getsignal(signal.SIGTERM) == before
