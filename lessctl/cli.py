@@ -103,8 +103,8 @@ def assets(
 @contextmanager
 def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> Iterator[Run]:
     """A run folder for `command` with the config's provenance; marked `finished` when the
-    block ends, `interrupted` on Ctrl-C or SIGTERM (what SLURM sends at a time limit),
-    `failed` when it raises (or exits with an error)."""
+    block ends, `interrupted` on Ctrl-C or SIGTERM (what SLURM sends at a time limit; unless a
+    launcher handles SIGTERM itself), `failed` when it raises (or exits with an error)."""
     import torch
 
     from lessctl.config import resolve_device
@@ -113,8 +113,13 @@ def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> It
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
-    main = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    term = signal.signal(signal.SIGTERM, _terminated) if main else None
+    # only the main thread may set handlers; one set by a launcher (submitit) is left alone
+    mine = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    )
+    if mine:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         device = run_stage(resolve_device, cfg.device)
         run = start_run(cfg, command, overrides or [], device=str(device))
@@ -129,12 +134,14 @@ def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> It
         run.finish()
     finally:
         torch.set_num_threads(threads)  # in-process callers keep theirs
-        if main:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if term is None else term)
+        if mine:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _terminated(signum, frame) -> None:
-    """SIGTERM ends a stage as Ctrl-C does (its run folder says `interrupted`)."""
+    """SIGTERM ends a stage as Ctrl-C does (its run folder says `interrupted`); a second one
+    while the folder is being marked is ignored."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 

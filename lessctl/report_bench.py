@@ -56,6 +56,8 @@ def _paired_section(d: pd.DataFrame) -> list[str]:
     if p.empty:
         return []
     est = paired_ratios(p.to_dict("records"))
+    if not est:  # one method alone: no ratio
+        return []
     t = pd.DataFrame(
         [
             {
@@ -90,7 +92,13 @@ def bench_sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
         d = d[d["_run"] == run]
     d = d.assign(budget=d["budget"].map(lambda b: "–" if b is None or b != b else str(int(b))))
     w = _wide(d)
-    out = ["## Decode benchmark", "", f"One run, `{run}`; each method measured alone.", ""]
+    out = [
+        "## Decode benchmark",
+        "",
+        f"One run, `{run}`; each method measured alone (the interleaved ratios: all in one "
+        "process).",
+        "",
+    ]
     dec = w[w.get("latency_ms").notna()] if "latency_ms" in w else w[:0]
     if not dec.empty:
         t = dec[["method", "policy", "budget", "batch_size", "context"]].copy()

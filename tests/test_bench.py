@@ -133,8 +133,10 @@ def test_interleaved_steps_decode_as_each_method_alone(compose, tiny_model):
         "policy=lambda",
         "policy.budget.size=16",
         "less.hidden=32",
+        "less.init_scale=1.0",  # a state that changes the answers (LESS is not Baseline)
     )
     names = ["full", "baseline", "less"]
+    torch.manual_seed(0)  # the untrained kernels: the same here and alone
     got = interleaved(cfg, model, names, 64)
     ids = torch.randint(
         0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0)
@@ -144,6 +146,7 @@ def test_interleaved_steps_decode_as_each_method_alone(compose, tiny_model):
         cfg.policy, seq_len=64, max_position_embeddings=geo["max_position_embeddings"]
     )
     for name in names:
+        torch.manual_seed(0)
         kernels = bench_kernels(cfg, geo, "cpu", policy)[0] if name == "less" else None
         cache, chunk = make_cache(model, name, policy, kernels, 32)
         x, alone = prefill(model, cache, ids, chunk).argmax(-1, keepdim=True), []
@@ -153,6 +156,7 @@ def test_interleaved_steps_decode_as_each_method_alone(compose, tiny_model):
                 alone.append(int(x))
         assert got[name]["tokens"] == alone, name
         assert len(got[name]["ms"]) == 4 and min(got[name]["ms"]) > 0
+    assert got["less"]["tokens"] != got["baseline"]["tokens"] != got["full"]["tokens"]
     assert got["full"]["budget"] is None and got["less"]["budget"] == 16
     assert got["less"]["cols"]["kernels"] == "untrained"
 

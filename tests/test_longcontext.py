@@ -414,3 +414,31 @@ def test_smollm2_full_cache_retrieves_a_short_passkey(compose, smollm2, tmp_path
     )
     [acc] = [r["value"] for r in rows if r["metric"] == "contains"]
     assert acc == 1.0
+
+
+def test_method_digest_holds_the_weights_not_where_they_came_from(compose):
+    """Same config, other weights (another seed, a fine-tune): another digest; the same
+    weights loaded again: the same digest; kernels' weights count too (Performer has no
+    checkpoint)."""
+    import torch
+
+    from lessctl.less.kernels import KernelConfig, LayerKernels
+    from lessctl.methods import Method
+    from lessctl.models import load_model
+    from lessctl.policies import get_policy
+
+    cfg = compose("model=tiny-random")
+    policy = get_policy("lambda", sink=2, recent=6)
+    digest = lambda model, **kw: longcontext.method_digest(model, Method("less", policy, **kw))  # noqa: E731
+    a, b, a2 = (load_model(cfg.model, "cpu", seed=s)[0] for s in (0, 1, 0))
+    assert digest(a) == digest(a2) != digest(b)
+    kc = KernelConfig(4, 2, 16, rank=4, hidden=8, dropout=0.0, init_scale=1.0)
+    torch.manual_seed(0)
+    k1 = {0: LayerKernels(kc)}
+    torch.manual_seed(1)
+    k2 = {0: LayerKernels(kc)}
+    assert digest(a, kernels=k1) != digest(a, kernels=k2) != digest(a)
+    lam = longcontext.method_digest(a, Method("baseline", get_policy("lambda", sink=2, recent=6)))
+    assert lam != longcontext.method_digest(
+        a, Method("baseline", get_policy("h2o", heavy=4, recent=4))
+    )

@@ -24,14 +24,23 @@ from lessctl.stats import Estimate, Samples, estimate
 
 
 def _step(model, cache, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """One greedy decode step of ``x`` [B,1] -> (next token [B,1], seconds)."""
+    """One greedy decode step of ``x`` [B,1] -> (next token [B,1], seconds); on CUDA timed by
+    the device's events, as the isolated measurement (each step then waits for the device, so
+    one method's step never overlaps another's)."""
+    cuda = x.device.type == "cuda"
     with running(model, cache), torch.no_grad():
         sync(x.device)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
         logits = model(x, cache=cache, use_cache=True, logits_to_keep=1).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
+        if cuda:
+            end.record()
         sync(x.device)
-        return nxt, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        return nxt, (start.elapsed_time(end) / 1e3 if cuda else seconds)
 
 
 def interleaved(cfg: DictConfig, model, names: list[str], context: int) -> dict[str, dict]:

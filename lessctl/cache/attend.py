@@ -52,8 +52,9 @@ def rows_attention(
         vis = None if visible is None else visible[..., a:e, :]
         s = kept_logits(q[:, :, a:e], keys, vis, scale, softcap)  # [B,Hkv,g,T',m]
         if want_probs and state is None:  # one softmax gives both (a prompt's H2O scores)
-            p = torch.nan_to_num(s.softmax(-1))
-            probs.append(p.sum(2))
+            has = (s.amax(-1) != float("-inf")).unsqueeze(-1)  # a row with no key: 0, as attend
+            p = torch.where(has, s.softmax(-1), 0.0)
+            probs.append(torch.nan_to_num(p).sum(2))
             outs.append(torch.einsum("bkgtm,bkmd->bkgtd", p, values.to(F32)).flatten(1, 2))
             continue
         if want_probs:

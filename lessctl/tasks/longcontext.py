@@ -213,24 +213,38 @@ def _cell(s: Sample) -> tuple:
 PARTIAL = ".partial"  # suffix of a method's predictions file while its batches are written
 
 
-def input_digest(
-    model, method: Method, prompt: list[int], suffix: list[int], max_new_tokens: int
-) -> str:
-    """What a prediction depends on: the model (its config and dtype), the method (name, policy
-    with its budget, LESS checkpoint) and the sample's exact tokens and answer length."""
+def _fingerprint(params) -> list[list[float]]:
+    """A cheap identity of weights: per tensor its sum and sum of squares (fp64)."""
+    with torch.no_grad():
+        return [[float(p.double().sum()), float(p.double().square().sum())] for p in params]
+
+
+def method_digest(model, method: Method) -> str:
+    """What a method's predictions depend on beside the sample: the model (config, dtype,
+    device, weights), the method's name, its policy with its budget, and its kernels' weights
+    (LESS, Performer). Not where anything was loaded from, and not the code revision."""
     config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    kernels = method.kernels or {}
     key = {
-        "model": config,  # not where it was loaded from
+        "model": config,
         "dtype": str(model.dtype),
         "device": model.device.type,
+        "weights": _fingerprint(model.parameters()),
         "method": method.name,
         "policy": repr(method.policy),
-        "checkpoint": method.checkpoint,
-        "prompt": prompt,
-        "suffix": suffix,
-        "max_new_tokens": max_new_tokens,
+        "kernels": _fingerprint(p for i in sorted(kernels) for p in kernels[i].parameters()),
     }
-    blob = json.dumps(key, sort_keys=True, default=str).encode()
+    return _sha(key)
+
+
+def input_digest(method_key: str, prompt: list[int], suffix: list[int], max_new_tokens: int) -> str:
+    """One sample's input to a method (:func:`method_digest`): its exact tokens and answer
+    length."""
+    return _sha([method_key, prompt, suffix, max_new_tokens])
+
+
+def _sha(obj) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
@@ -238,8 +252,10 @@ def reused(dirs: list[str], file_name: str, digests: list[str]) -> tuple[dict[in
     """Predictions read back from earlier run folders in ``dirs`` (their
     ``predictions/<file_name>``, or the partial file an interrupted run left), per sample: a
     record whose input digest (:func:`input_digest`) equals the sample's -> ({sample index:
-    prediction}, the folders read from)."""
-    want = {dg: i for i, dg in enumerate(digests)}
+    prediction}, the folders read from). Files written before digests existed are not read."""
+    want: dict[str, list[int]] = defaultdict(list)
+    for i, dg in enumerate(digests):
+        want[dg].append(i)
     got: dict[int, str] = {}
     used: list[str] = []
     for d in dirs:
@@ -253,8 +269,7 @@ def reused(dirs: list[str], file_name: str, digests: list[str]) -> tuple[dict[in
                 recs = [json.loads(line) for line in f if line.strip()]
             took = False
             for r in recs:
-                i = want.get(r.get("input"))
-                if i is not None:
+                for i in want.get(r.get("input"), []):  # samples with the same input share it
                     got.setdefault(i, r["prediction"])
                     took = True
             if took and str(Path(d)) not in used:
@@ -294,8 +309,9 @@ def run_samples(
         t0 = time.perf_counter()
         budget = m.policy.budget
         file_name = f"{name}-{m.name}-{budget}.jsonl"
+        key = method_digest(model, m)
         digests = [
-            input_digest(model, m, *laid[i], samples[i].max_new_tokens) for i in range(len(samples))
+            input_digest(key, *laid[i], samples[i].max_new_tokens) for i in range(len(samples))
         ]
         preds, back = reused(reuse_dirs, file_name, digests)
         todo = [i for i in order if i not in preds]
