@@ -334,6 +334,10 @@ def run_samples(
                 for i in sorted(preds)
             ]
             write_jsonl_atomic(partial, done)  # an interrupted run resumes from here
+            log(
+                f"{name} {m.name}: {len(preds)}/{len(samples)} samples "
+                f"({time.perf_counter() - t0:.0f}s, {max(len(laid[i][0]) for i in idx)} tokens)"
+            )
         per = []
         for i, s in enumerate(samples):
             sc = score(preds[i], s.answers, s.match)
