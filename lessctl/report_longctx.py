@@ -13,11 +13,26 @@ from pathlib import Path
 
 import pandas as pd
 
+from lessctl.stats import Samples, difference, verdict
 from lessctl.tasks.longcontext import interval
 
 ORDER = ["full", "baseline", "baseline_plus", "less", "performer", "snapkv"]
 TASKS = ("passkey", "needle", "variable_tracking", "common_words", "longctx")
 METRIC = "contains"
+
+
+def _less_minus_plus(gb: pd.DataFrame) -> str:
+    """LESS − Baseline+ share found, paired by (length, depth) cell, with interval and verdict."""
+    per = {
+        m: Samples(
+            gb[gb.method == m].ok.to_numpy(),
+            gb[gb.method == m].samples.to_numpy(),
+            tuple(zip(gb[gb.method == m].length, gb[gb.method == m].depth, strict=True)),
+        )
+        for m in ("less", "baseline_plus")
+    }
+    e = difference(per["less"], per["baseline_plus"])
+    return f"{e.value:+.2f} [{e.low:+.2f}, {e.high:+.2f}] {verdict(e, lower_is_better=False)}"
 
 
 def _methods(d: pd.DataFrame) -> list[str]:
@@ -91,7 +106,9 @@ def sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
         "",
         "Greedy answers through the real-eviction cache; `question=after`: the context was "
         "compressed before the question was read. Full has no budget and is matched on the "
-        "same task, data and grid. Interval: 95% Wilson over all samples of the grid.",
+        "same task, data and grid. Interval: 95% Wilson over all samples of the grid. "
+        "*LESS − Baseline+*: the difference in share found, paired over the grid's cells "
+        "(length × depth, each resampled whole with its samples), with its bootstrap interval.",
         "",
     ]
     for (task, dataset, model, question, subtask), g in d.groupby(
@@ -110,6 +127,8 @@ def sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
                 p = k / n
                 lo, hi = interval([1.0] * round(k) + [0.0] * (n - round(k))) if n else (0, 0)
                 row[m] = f"{p:.2f} [{lo:.2f}, {hi:.2f}] (n={n})"
+            if {"less", "baseline_plus"} <= set(gb.method):
+                row["LESS − Baseline+"] = _less_minus_plus(gb)
             table.append(row)
             cells = {}
             for m in _methods(gb):

@@ -45,6 +45,8 @@ def test_longctx_heatmaps_and_budget_table(compose, tmp_path):
     # 6 cells x 4 samples = 24 per method; Baseline+ is listed at its Baseline's budget
     assert "| h2o | 32 | 1.00 [0.86, 1.00] (n=24) | 0.25 " in text
     assert "| 0.50 [0.31, 0.69] (n=24) | 0.75 " in text
+    # paired over the 6 cells: +0.25 in every cell
+    assert "| LESS − Baseline+ |" in text and "| +0.25 [+0.25, +0.25] better |" in text
     assert "| h2o | 64 | 1.00 [0.86, 1.00] (n=24) | 1.00 " in text
     figs = sorted(p.name for p in (tmp_path / "figures").glob("longctx-*.png"))
     assert figs == [
