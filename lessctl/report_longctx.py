@@ -106,7 +106,8 @@ def sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
         "",
         "Greedy answers through the real-eviction cache; `question=after`: the context was "
         "compressed before the question was read. Full has no budget and is matched on the "
-        "same task, data and grid. Interval: 95% Wilson over all samples of the grid. "
+        "same task and data, over the cells (length × depth) the row's other methods ran. "
+        "Interval: 95% Wilson over all samples of the grid. "
         "*LESS − Baseline+*: the difference in share found, paired over the grid's cells "
         "(length × depth, each resampled whole with its samples), with its bootstrap interval.",
         "",
@@ -118,7 +119,9 @@ def sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
         rest = g[g.method != "full"]
         table = []
         for (policy, budget), gb in rest.groupby(["policy", "at_budget"], sort=True):
-            gb = pd.concat([full, gb])
+            cells = set(zip(gb.length, gb.depth, strict=True))  # Full on the same cells only
+            on = [c in cells for c in zip(full.length, full.depth, strict=True)]
+            gb = pd.concat([full[on], gb])
             row = {"policy": policy, "budget": int(budget)}
             for m in _methods(gb):
                 s = gb[gb.method == m]

@@ -70,3 +70,19 @@ def test_baseline_plus_run_apart_is_listed_at_the_budget_it_matches(compose, tmp
     text = write_report(tmp_path).read_text()
     assert "| h2o | 32 | 1.00 [0.86, 1.00] (n=24) | 0.25 [0.12, 0.45] (n=24) | 0.50 " in text
     assert "| h2o | 36 |" not in text
+
+
+def test_full_is_counted_on_the_cells_of_each_budget_row(compose, tmp_path):
+    """A budget evaluated on part of the grid (one length of two) is compared with Full on
+    that part alone."""
+    cfg = compose(f"results_dir={tmp_path}")
+    for rows in (
+        _rows(32, {"full": 1.0, "baseline": 0.0}),
+        [r for r in _rows(64, {"baseline": 0.5}) if r["length"] == 512],
+    ):
+        run = start_run(cfg, "eval", [])
+        run.add_rows(rows)
+        run.finish()
+    text = write_report(tmp_path).read_text()
+    assert "| h2o | 32 | 1.00 [0.86, 1.00] (n=24) | 0.00 " in text
+    assert "| h2o | 64 | 1.00 [0.76, 1.00] (n=12) | 0.50 " in text
