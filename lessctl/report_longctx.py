@@ -23,15 +23,13 @@ METRIC = "contains"
 
 def _less_minus_plus(gb: pd.DataFrame) -> str:
     """LESS − Baseline+ share found, paired by (length, depth) cell, with interval and verdict."""
-    per = {
-        m: Samples(
-            gb[gb.method == m].ok.to_numpy(),
-            gb[gb.method == m].samples.to_numpy(),
-            tuple(zip(gb[gb.method == m].length, gb[gb.method == m].depth, strict=True)),
-        )
-        for m in ("less", "baseline_plus")
-    }
-    e = difference(per["less"], per["baseline_plus"])
+
+    def cells(m: str) -> Samples:
+        s = gb[gb.method == m]
+        ids = tuple(zip(s.length, s.depth, strict=True))
+        return Samples(s.ok.to_numpy(), s.samples.to_numpy(), ids)
+
+    e = difference(cells("less"), cells("baseline_plus"))
     return f"{e.value:+.2f} [{e.low:+.2f}, {e.high:+.2f}] {verdict(e, lower_is_better=False)}"
 
 

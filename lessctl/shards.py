@@ -33,10 +33,10 @@ class ShardError(LessctlError):
     """Missing, corrupt or mismatched activation shards."""
 
 
-def config_hash(spec: dict[str, Any]) -> str:
-    """A short stable hash of an extraction spec (JSON-serialisable dict)."""
+def config_hash(spec: Any, length: int = 16) -> str:
+    """A short stable hash of a JSON-serialisable spec (an extraction spec, a model's inputs)."""
     blob = json.dumps(spec, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return hashlib.sha256(blob).hexdigest()[:length]
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> int:

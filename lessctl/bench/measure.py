@@ -105,6 +105,14 @@ def make_cache(model, name: str, policy: Policy, kernels, chunk: int):
     return cache, chunk
 
 
+def random_prompt(cfg: DictConfig, model, batch: int, context: int) -> torch.Tensor:
+    """The bench's prompt: token ids [batch, context] drawn from the vocabulary, seeded by
+    ``cfg.seed`` (the same prompt for every method), on the model's device."""
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    return torch.randint(0, vocab, (batch, context), generator=gen).to(model.device)
+
+
 def measure(
     cfg: DictConfig, model, name: str, context: int, batch: int, decode: bool = True
 ) -> dict[str, Any]:
@@ -122,9 +130,7 @@ def measure(
     if name == "less":
         kernels, cols = bench_kernels(cfg, geo, device, policy)
     chunk = int(b.prefill_chunk)
-    vocab = model.config.get_text_config(decoder=True).vocab_size
-    gen = torch.Generator().manual_seed(int(cfg.seed))
-    ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
+    ids = random_prompt(cfg, model, batch, context)
     cache, chunk = make_cache(model, name, policy, kernels, chunk)
     reset_peak(device)
     sync(device)

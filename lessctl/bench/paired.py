@@ -16,7 +16,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from lessctl.bench.measure import bench_kernels, make_cache, sync
+from lessctl.bench.measure import bench_kernels, make_cache, random_prompt, sync
 from lessctl.cache import prefill, running
 from lessctl.models import attention_geometry
 from lessctl.policies.budget import build_policy
@@ -53,9 +53,7 @@ def interleaved(cfg: DictConfig, model, names: list[str], context: int) -> dict[
     policy = build_policy(
         cfg.policy, seq_len=context, max_position_embeddings=geo["max_position_embeddings"]
     )
-    vocab = model.config.get_text_config(decoder=True).vocab_size
-    gen = torch.Generator().manual_seed(int(cfg.seed))
-    ids = torch.randint(0, vocab, (1, context), generator=gen).to(model.device)
+    ids = random_prompt(cfg, model, 1, context)
     caches, x = {}, {}
     out = {n: {"ms": [], "tokens": [], "budget": policy.budget, "cols": {}} for n in names}
     for name in names:

@@ -27,7 +27,6 @@ interval (for 0/1 scores) or a normal interval.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -44,6 +43,7 @@ from lessctl.atomic import write_jsonl_atomic
 from lessctl.decoding import generate
 from lessctl.errors import LessctlError
 from lessctl.methods import Method
+from lessctl.shards import config_hash
 
 QUESTION_POSITIONS = ("after", "before", "end")
 
@@ -234,18 +234,13 @@ def method_digest(model, method: Method) -> str:
         "policy": repr(method.policy),
         "kernels": _fingerprint(p for i in sorted(kernels) for p in kernels[i].parameters()),
     }
-    return _sha(key)
+    return config_hash(key, 20)
 
 
 def input_digest(method_key: str, prompt: list[int], suffix: list[int], max_new_tokens: int) -> str:
     """One sample's input to a method (:func:`method_digest`): its exact tokens and answer
     length."""
-    return _sha([method_key, prompt, suffix, max_new_tokens])
-
-
-def _sha(obj) -> str:
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
+    return config_hash([method_key, prompt, suffix, max_new_tokens], 20)
 
 
 def reused(dirs: list[str], file_name: str, digests: list[str]) -> tuple[dict[int, str], list[str]]:
