@@ -48,7 +48,9 @@ def test_compiled_steady_step_equals_eager(case):
     layer = steady_layer(policy, with_kernels, window, softcap)
     compiled = torch.compile(steady_step, fullgraph=True, dynamic=False)
     eager_store, compiled_store = layer.store, copy.deepcopy(layer.store)
-    compiled_store.pack(None if window is None or not with_kernels else window - policy.budget)
+    compiled_store.pack(
+        None if window is None or not with_kernels else window - policy.budget, H // HKV
+    )
     torch.manual_seed(1)
     with torch.no_grad():
         for i in range(3):

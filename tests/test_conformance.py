@@ -440,6 +440,8 @@ def test_budget_below_window_matches_the_masked_reference(family):
             assert not torch.allclose(got, stale, atol=1e-4)
     par = parallel_logits(model, ids, EVICTING, kern)
     assert torch.allclose(stream_logits(model, ids, EVICTING, kern, chunk=5), par, atol=1e-4)
+    # one-token forwards: once full, the steady step (folded keys leave the state in place)
+    assert torch.allclose(stream_logits(model, ids, EVICTING, kern, chunk=1), par, atol=1e-4)
     assert not torch.allclose(par, own_logits(model, ids), atol=1e-2)  # it really evicts
 
 

@@ -17,6 +17,7 @@ from lessctl.cache.step import (
     attend,
     choose_slot,
     features,
+    one_call,
     read_state,
     steady_step,
     update_state,
@@ -59,9 +60,10 @@ def step_breakdown(layer: EvictingLayer, num_heads: int, reps: int = 50) -> dict
     sc = default_scale(d, scale)
     slot, folded, lo, ln = choose_slot(qg, k, tt, s, policy, window, sc, softcap)
     lr = feats = None
+    single = one_call(policy, softcap)
     if s.state is not None:
         feats = features(q, s, kern, slot)
-        lr = read_state(feats[0], s, kern)
+        lr = read_state(feats[0], s, kern, single)
     out = {
         "policy": lambda: choose_slot(qg, k, tt, s, policy, window, sc, softcap),
         "features": None if feats is None else (lambda: features(q, s, kern, slot)),
@@ -69,8 +71,8 @@ def step_breakdown(layer: EvictingLayer, num_heads: int, reps: int = 50) -> dict
         if feats is None
         else (lambda: update_state(s, kern, slot, folded, tt, window, feats[1:])),
         "write": lambda: write_slot(s, slot, k, v, tt),
-        "state_read": None if feats is None else (lambda: read_state(feats[0], s, kern)),
-        "attention": lambda: attend(qg, s, policy, slot, lo, ln, lr, sc, softcap),
+        "state_read": None if feats is None else (lambda: read_state(feats[0], s, kern, single)),
+        "attention": lambda: attend(q, s, policy, slot, lo, ln, lr, sc, softcap),
         "total": lambda: steady_step(q, k, v, t, s, policy, kern, scale, window, softcap),
     }
     return {name: 0.0 if fn is None else _median_us(fn, dev, reps) for name, fn in out.items()}

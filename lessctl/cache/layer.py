@@ -226,7 +226,7 @@ class EvictingLayer(CacheLayerMixin):
             probs = probs * (rows >= 0)[:, None, :, None]
             s.acc = self.policy.accumulate(s.acc, probs, rows, s.positions, self.first_evict)
         self.seen += c
-        self._check_steady()
+        self._check_steady(q.shape[1] // hkv)
         return out
 
     def _attend_rows(
@@ -255,8 +255,9 @@ class EvictingLayer(CacheLayerMixin):
             q, s.keys, s.values, visible, scale, self.softcap, log_phi, state, want
         )
 
-    def _check_steady(self) -> None:
-        """Enter the packed steady state once every slot of every sequence is full."""
+    def _check_steady(self, group: int) -> None:
+        """Enter the packed steady state once every slot of every sequence is full (``group``:
+        query heads per KV head)."""
         n, window, s = self.policy.budget, self.window, self.store
         if n is None:
             return
@@ -264,5 +265,5 @@ class EvictingLayer(CacheLayerMixin):
         if s.positions.shape[-1] != cap or not bool((s.positions >= 0).all()):
             return
         folds = window is not None and window > n and s.state is not None
-        s.pack(window - n if folds else None)
+        s.pack(window - n if folds else None, group)
         self.steady = True

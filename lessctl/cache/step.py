@@ -16,11 +16,16 @@ reallocation, no concatenation of the cache; ``torch.compile(fullgraph=True)`` c
 3. the new K/V and position are written into that slot (:func:`write_slot`);
 4. the row attends (:func:`read_state`, :func:`attend`): the state's ``R`` virtual keys (key
    0, value ``H_r / z_r``, additive logit ``log phi_r(q) + log z_r``) sit after the kept
-   keys in the same buffers, so a policy that needs no probabilities takes one
-   ``scaled_dot_product_attention`` call over ``n + R`` keys (the group's query heads as the
-   rows of their KV head); an accumulating policy (H2O, SnapKV) or a soft-capped layer takes
-   one logits pass, and its scores come from the same probabilities (renormalised over the
-   kept keys).
+   keys in the same buffers, so a policy that needs no probabilities (:func:`one_call`) takes
+   one ``scaled_dot_product_attention`` call over ``n + R`` keys (``enable_gqa``: each query
+   head reads its KV head; on CPU a third faster with the additive logits than the group's
+   heads as rows of their KV head); an accumulating policy (H2O, SnapKV), TOVA or a soft-capped
+   layer takes one logits pass, and its scores come from the same probabilities (renormalised
+   over the kept keys).
+
+On a CPU each call into torch costs a decode step some microseconds whatever it computes, so
+the step makes few: learned kernels' features stay heads first as the batched products return
+them and meet the state through views made once (:class:`~lessctl.cache.store.StateViews`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from lessctl.cache.driver import unfold
 from lessctl.cache.store import KeptStore
 from lessctl.less.frozen import FrozenKernels
 from lessctl.policies.base import Policy, capped, default_scale
+
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def _gather_slot(x: Tensor, slot: Tensor) -> Tensor:
@@ -93,23 +100,25 @@ def choose_slot(
 
 def features(q: Tensor, s: KeptStore, kernels: FrozenKernels, slot: Tensor):
     """Phase 2b: the row's query features and the features of the key in ``slot``, with its
-    K/V -> (phi or log phi [B,H,1,R], psi or log psi [B,Hkv,1,R], k_ev, v_ev [B,Hkv,1,d]):
-    linear for learned kernels, logs otherwise (``kernels.linear``)."""
-    k_ev, v_ev = _gather_slot(s.keys, slot), _gather_slot(s.values, slot)
+    K/V [B,Hkv,1,d] -> (fq, fk, k_ev, v_ev): learned kernels give phi [H,B,R] and psi
+    [Hkv,B,R] (heads first), others log phi [B,H,1,R] and log psi [B,Hkv,1,R]
+    (:meth:`~lessctl.less.frozen.FrozenKernels.row_features`)."""
+    b, hkv, _ = slot.shape
+    at = slot[..., None].expand(b, hkv, 1, s.keys.shape[-1])
+    k_ev = s.keys.gather(2, at)
+    if s.values.shape[-1] != s.keys.shape[-1]:
+        at = slot[..., None].expand(b, hkv, 1, s.values.shape[-1])
+    v_ev = s.values.gather(2, at)
     fq, fk = kernels.row_features(q, k_ev)
     return fq, fk, k_ev, v_ev
 
 
-def _absorb_linear(state, psi: Tensor, v: Tensor, mask: Tensor | None) -> None:
-    """H += psi^T v, z += psi in place (one token per sequence): psi [B,Hkv,1,R], v
-    [B,Hkv,1,d]. Linear features never move the state's offset (it stays 0), so the stored
-    sums are the sums."""
-    w = psi if mask is None else psi * mask[..., None]
-    b, hkv, _, r = w.shape
-    state.H.view(b * hkv, r, -1).baddbmm_(
-        w.reshape(b * hkv, 1, r).transpose(1, 2), v.reshape(b * hkv, 1, -1).float()
-    )
-    state.z.add_(w.reshape(b, hkv, r))
+def _release_linear(state, psi: Tensor, v: Tensor, mask: Tensor) -> None:
+    """H -= psi^T v, z -= psi (kept >= 0) in place where ``mask`` [B,Hkv,1]: psi
+    [B,Hkv,1,R], v [B,Hkv,1,d] (in place, as the views of :class:`StateViews` need)."""
+    w = psi * mask[..., None]
+    state.H.addcmul_(w.transpose(-1, -2), v, value=-1.0)
+    state.z.sub_(w.squeeze(2)).clamp_(min=0)
 
 
 def update_state(
@@ -122,24 +131,31 @@ def update_state(
     freed: tuple[Tensor, Tensor, Tensor],
 ) -> None:
     """Phases 1-2, the state: the folded key ``t - w`` leaves it, the freed key (``freed`` =
-    its features, K, V; where ``folded``) enters it, and the virtual keys' values follow."""
-    state, cap = s.state, s.positions.shape[-1]
+    its features, K, V; where ``folded``) enters it, and the virtual keys' values follow.
+    Learned kernels update H and z in place, heads first (:class:`StateViews`): H += psi^T v,
+    z += psi (their offset stays 0, so the stored sums are the sums)."""
+    state, vw = s.state, s.views
     if window is not None and s.fpos is not None:  # the folded key t - w leaves
         gone_f = (s.fpos == tt - window) & (s.fpos >= 0)
         rel = gone_f.long().argmax(-1, keepdim=True)
         has_rel = gone_f.any(-1, keepdim=True)
         k_rel, v_rel = _gather_slot(s.fkeys, rel), _gather_slot(s.fvalues, rel)
-        unfold(state, kernels, k_rel, v_rel, has_rel)
+        if kernels.linear:
+            _release_linear(state, kernels.psi(k_rel), v_rel, has_rel)
+        else:
+            unfold(state, kernels, k_rel, v_rel, has_rel)
         _put(s.fpos, rel, torch.full_like(rel, -1), has_rel)
     fk, k_ev, v_ev = freed
-    virtual_values = s.vbuf[:, :, cap:]
     if kernels.linear:
-        _absorb_linear(state, fk, v_ev, folded)
-        z = state.z.clamp(min=torch.finfo(state.z.dtype).tiny)[..., None]
-        virtual_values.copy_(state.H / z)  # (a non-contiguous out= would break the graph)
+        psi = fk.view(*fk.shape, 1)  # [Hkv,B,R,1]
+        if folded is not None:
+            psi = psi * folded.transpose(0, 1)[..., None]
+        vw.H_hf.addcmul_(psi, v_ev.transpose(0, 1))
+        vw.z_col_hf.add_(psi)
+        vw.values.copy_(state.H / vw.z_col.clamp(min=_TINY))  # (out= into a view: a graph break)
     else:
         state.absorb_log(fk, v_ev, folded)
-        virtual_values.copy_(state.mean_values())
+        vw.values.copy_(state.mean_values())
     if window is not None and s.fpos is not None:  # remember it until it leaves the window
         free = (s.fpos < 0).long().argmax(-1, keepdim=True)
         _put(s.fkeys, free, k_ev, folded)
@@ -156,18 +172,32 @@ def write_slot(s: KeptStore, slot: Tensor, k: Tensor, v: Tensor, tt: Tensor) -> 
         _put(s.acc, slot, torch.zeros_like(slot, dtype=s.acc.dtype))
 
 
-def read_state(fq: Tensor, s: KeptStore, kernels: FrozenKernels) -> Tensor:
+def read_state(fq: Tensor, s: KeptStore, kernels: FrozenKernels, one_call: bool) -> Tensor | None:
     """Phase 4a: the virtual keys' logits ``log phi_r(q) + log z_r`` from the query's
-    features (:func:`features`) -> [B,Hkv,g,R] fp32."""
-    b, h, _, r = fq.shape
-    hkv = s.keys.shape[1]
+    features (:func:`features`): into the attention's bias when it takes ``one_call``
+    (-> None), else -> [B,Hkv,g,R] fp32."""
+    vw, hkv = s.views, s.keys.shape[1]
     if kernels.linear:  # log(phi * z): the offset is 0
-        return torch.log(fq.view(b, hkv, h // hkv, r) * s.state.z[:, :, None])
-    return state_logits(fq, s.state, hkv)[:, :, :, 0]
+        h, b, r = fq.shape
+        lr = torch.log(fq.view(hkv, h // hkv, b, r) * vw.z_row_hf)  # [Hkv,g,B,R]
+        if not one_call:
+            return lr.permute(2, 0, 1, 3)
+        vw.logits_hf.copy_(lr)
+        return None
+    lr = state_logits(fq, s.state, hkv)[:, :, :, 0]
+    if not one_call:
+        return lr
+    vw.logits.copy_(lr)
+    return None
+
+
+def one_call(policy: Policy, softcap: float | None) -> bool:
+    """Whether the row attends in one ``scaled_dot_product_attention`` call (module doc)."""
+    return not (policy.accumulates or policy.needs_probs or softcap is not None)
 
 
 def attend(
-    qg: Tensor,
+    q: Tensor,
     s: KeptStore,
     policy: Policy,
     slot: Tensor,
@@ -177,20 +207,20 @@ def attend(
     sc: float,
     softcap: float | None,
 ) -> Tensor:
-    """Phase 4b: qg [B,Hkv,g,d] over the kept keys plus the virtual keys (logits ``lr``)
-    -> [B,Hkv,g,d]; an accumulating policy's scores are updated from the same probabilities."""
-    b, hkv, g, _ = qg.shape
-    cap = s.positions.shape[-1]
-    keys = s.keys if lr is None else s.kbuf
+    """Phase 4b: q [B,H,1,d] over the kept keys plus the virtual keys -> [B,H,1,d]; in one
+    call their logits are in the store's bias, else in ``lr``; an accumulating policy's
+    scores are updated from the same probabilities."""
+    b, h, _, d = q.shape
+    hkv = s.keys.shape[1]
+    g, cap = h // hkv, s.positions.shape[-1]
+    if one_call(policy, softcap):
+        if s.state is None:
+            return F.scaled_dot_product_attention(q, s.keys, s.values, scale=sc, enable_gqa=True)
+        return F.scaled_dot_product_attention(
+            q, s.kbuf, s.vbuf, attn_mask=s.views.mask, scale=sc, enable_gqa=True
+        )
+    qg = q.view(b, hkv, g, d)
     values = s.values if lr is None else s.vbuf
-    if not (policy.accumulates or softcap is not None or lo is not None):  # one SDPA call
-        bias = None
-        if lr is not None:  # zeros for the kept keys, the virtual keys' logits after them
-            if s.bias is None or s.bias.shape[2] != g:
-                s.bias = qg.new_zeros(b, hkv, g, cap + lr.shape[-1])
-            s.bias[..., cap:] = lr
-            bias = s.bias
-        return F.scaled_dot_product_attention(qg, keys, values, attn_mask=bias, scale=sc)
     if lo is not None:  # TOVA: the candidates' logits with the evicted one replaced
         lo = lo.scatter(-1, slot[:, :, None].expand(b, hkv, g, 1), ln)
     else:
@@ -199,7 +229,7 @@ def attend(
     if s.acc is not None:
         pk = p[..., :cap]
         s.acc.add_((pk / pk.sum(-1, keepdim=True)).sum(2))
-    return (p.to(values.dtype) @ values).to(qg.dtype)
+    return (p.to(values.dtype) @ values).to(q.dtype).view(b, h, 1, -1)
 
 
 def steady_step(
@@ -228,6 +258,6 @@ def steady_step(
         fq, fk, k_ev, v_ev = features(q, s, kernels, slot)
         if not (window is not None and window <= policy.budget):  # else nothing is folded
             update_state(s, kernels, slot, folded, tt, window, (fk, k_ev, v_ev))
-        lr = read_state(fq, s, kernels)
+        lr = read_state(fq, s, kernels, one_call(policy, softcap))
     write_slot(s, slot, k, v, tt)
-    return attend(qg, s, policy, slot, lo, ln, lr, sc, softcap).reshape(b, h, 1, -1)
+    return attend(q, s, policy, slot, lo, ln, lr, sc, softcap)

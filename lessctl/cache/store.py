@@ -10,7 +10,9 @@ they are still inside the layer's window; they leave it again at row ``j + w``).
 Packed form (the steady state, every slot full): ``keys``/``values`` are views of the first
 ``cap`` slots of ``kbuf``/``vbuf`` ``[B,Hkv,cap+R,d]``, whose last ``R`` slots are the state's
 virtual keys (key 0, value ``H_r / z_r``), so a decode step writes in place and attends with one
-call; the fold buffer has its fixed capacity ``w - n``.
+call; the fold buffer has its fixed capacity ``w - n``. :class:`StateViews` holds, made once,
+the views of the packed state that a decode step reads and writes, so that it pays for no
+reshaping (on CPU each call costs a decode step ~5 µs, whatever it does).
 """
 
 from __future__ import annotations
@@ -39,6 +41,42 @@ def left_pad_counts(attention_mask: Tensor | None) -> Tensor | None:
 
 
 @dataclass
+class StateViews:
+    """Views of a packed store with a state (module doc) for ``g`` query heads per KV head:
+    ``bias`` owns the attention's additive logits, the rest are views (writes go through)."""
+
+    bias: Tensor  # [B,Hkv,g,cap+R]: 0 for the kept keys, then the virtual keys' logits
+    mask: Tensor  # bias as [B,H,1,cap+R] (query head j reads KV head j // g)
+    logits: Tensor  # [B,Hkv,g,R] the virtual keys' logits in bias
+    logits_hf: Tensor  # [Hkv,g,B,R] the same, heads first (as the feature maps return phi)
+    values: Tensor  # [B,Hkv,R,d] the virtual keys' values in vbuf
+    H_hf: Tensor  # [Hkv,B,R,d] state.H, heads first
+    z_col_hf: Tensor  # [Hkv,B,R,1] state.z
+    z_row_hf: Tensor  # [Hkv,1,B,R] state.z
+    z_col: Tensor  # [B,Hkv,R,1] state.z
+
+    @classmethod
+    def of(cls, s: KeptStore, g: int) -> StateViews:
+        """Views of packed ``s`` (with a state). Those of ``state.H``/``state.z`` hold while the
+        state is updated in place (learned kernels, nothing released: the steady step)."""
+        b, hkv, m, _ = s.kbuf.shape
+        cap = s.positions.shape[-1]
+        bias = s.kbuf.new_zeros(b, hkv, g, m)
+        H, z = s.state.H, s.state.z
+        return cls(
+            bias=bias,
+            mask=bias.view(b, hkv * g, 1, m),
+            logits=bias[..., cap:],
+            logits_hf=bias[..., cap:].permute(1, 2, 0, 3),
+            values=s.vbuf[:, :, cap:],
+            H_hf=H.transpose(0, 1),
+            z_col_hf=z.transpose(0, 1)[..., None],
+            z_row_hf=z.transpose(0, 1)[:, None],
+            z_col=z[..., None],
+        )
+
+
+@dataclass
 class KeptStore:
     """One layer's cache tensors (module doc); ``None`` = not held."""
 
@@ -52,7 +90,7 @@ class KeptStore:
     fpos: Tensor | None = None
     kbuf: Tensor | None = None  # packed form only
     vbuf: Tensor | None = None
-    bias: Tensor | None = None  # packed, with a state: additive logits [B,Hkv,g,cap+R]
+    views: StateViews | None = None  # packed, with a state
 
     @classmethod
     def empty(
@@ -75,10 +113,11 @@ class KeptStore:
 
     def unpack(self) -> None:
         """Leave the packed form (the general path reallocates freely)."""
-        self.kbuf = self.vbuf = self.bias = None
+        self.kbuf = self.vbuf = self.views = None
 
-    def pack(self, fold_capacity: int | None) -> None:
-        """Enter the packed form (module doc); ``fold_capacity``: the fold buffer's fixed size."""
+    def pack(self, fold_capacity: int | None, group: int) -> None:
+        """Enter the packed form (module doc); ``fold_capacity``: the fold buffer's fixed size;
+        ``group``: query heads per KV head."""
         b, hkv, m, d = self.keys.shape
         r = 0 if self.state is None else self.state.z.shape[-1]
         self.kbuf = self.keys.new_zeros(b, hkv, m + r, d)
@@ -89,6 +128,7 @@ class KeptStore:
         self.positions = self.positions.contiguous()
         if self.state is not None:
             self.vbuf[:, :, m:] = self.state.mean_values().to(self.vbuf.dtype)
+            self.views = StateViews.of(self, group)
         if fold_capacity is not None and self.state is not None:
             self.fkeys, self.fvalues, self.fpos = _padded_fold(self, fold_capacity)
 
@@ -96,7 +136,8 @@ class KeptStore:
         """Every tensor held (the packed buffers count once, not their views)."""
         held = [getattr(self, n) for n in _TENSORS]
         if self.packed:
-            held = [self.kbuf, self.vbuf, *held[2:], self.bias]
+            bias = None if self.views is None else self.views.bias
+            held = [self.kbuf, self.vbuf, *held[2:], bias]
         out = [x for x in held if x is not None]
         if self.state is not None:
             out += [self.state.H, self.state.z]
@@ -110,7 +151,7 @@ class KeptStore:
         out = {}
         for f in fields(self):
             x = getattr(self, f.name)
-            if f.name in ("kbuf", "vbuf", "bias") or x is None:
+            if f.name in ("kbuf", "vbuf", "views") or x is None:
                 continue
             out[f.name] = x.index_batch(idx) if f.name == "state" else x.index_select(0, idx)
         return KeptStore(**out)

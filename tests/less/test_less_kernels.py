@@ -114,9 +114,13 @@ def test_frozen_kernels_equal_the_trained_maps(kind):
     q, k = torch.randn(3, 6, 1, 16), torch.randn(3, 2, 1, 16)
     with torch.no_grad():
         fq, fk = frozen.row_features(q, k)
-        if frozen.linear:
-            torch.testing.assert_close(fq, mod.phi(q), rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(fk, mod.psi(k), rtol=1e-5, atol=1e-6)
+        if frozen.linear:  # heads first: [H,B,R]
+            torch.testing.assert_close(
+                fq, mod.phi(q)[:, :, 0].transpose(0, 1), rtol=1e-5, atol=1e-6
+            )
+            torch.testing.assert_close(
+                fk, mod.psi(k)[:, :, 0].transpose(0, 1), rtol=1e-5, atol=1e-6
+            )
         else:
             torch.testing.assert_close(fq, mod.log_phi(q), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(fk, mod.log_psi(k), rtol=1e-5, atol=1e-5)
