@@ -172,20 +172,20 @@ def write_slot(s: KeptStore, slot: Tensor, k: Tensor, v: Tensor, tt: Tensor) -> 
         _put(s.acc, slot, torch.zeros_like(slot, dtype=s.acc.dtype))
 
 
-def read_state(fq: Tensor, s: KeptStore, kernels: FrozenKernels, one_call: bool) -> Tensor | None:
+def read_state(fq: Tensor, s: KeptStore, kernels: FrozenKernels, into_bias: bool) -> Tensor | None:
     """Phase 4a: the virtual keys' logits ``log phi_r(q) + log z_r`` from the query's
-    features (:func:`features`): into the attention's bias when it takes ``one_call``
-    (-> None), else -> [B,Hkv,g,R] fp32."""
+    features (:func:`features`): into the attention's bias when it takes one call
+    (``into_bias``; -> None), else -> [B,Hkv,g,R] fp32."""
     vw, hkv = s.views, s.keys.shape[1]
     if kernels.linear:  # log(phi * z): the offset is 0
         h, b, r = fq.shape
         lr = torch.log(fq.view(hkv, h // hkv, b, r) * vw.z_row_hf)  # [Hkv,g,B,R]
-        if not one_call:
+        if not into_bias:
             return lr.permute(2, 0, 1, 3)
         vw.logits_hf.copy_(lr)
         return None
     lr = state_logits(fq, s.state, hkv)[:, :, :, 0]
-    if not one_call:
+    if not into_bias:
         return lr
     vw.logits.copy_(lr)
     return None

@@ -7,9 +7,10 @@ For learned kernels ``psi(k) = | psi0 + (psi0 W_int) * s2 |`` with ``psi0 = |s1|
 ``| m(k) M |`` with ``M = diag|s1| (I + W_int diag s2)`` ``[Hkv,R,R]``, computed once. Both maps
 are evaluated without dropout, in fp32, whatever the activations' dtype.
 
-On CPU the exact GELU is computed by ATen's own kernel rather than oneDNN's, whose per-call
-setup costs ~15 µs against ~3 µs for the arithmetic on a decode step's ``[H, 1, hidden]``
-(:func:`mlp`); the values agree to rounding.
+On CPU the exact GELU of a few rows is computed by ATen's own kernel rather than oneDNN's,
+whose per-call setup costs ~15 µs against ~3 µs for the arithmetic on a decode step's
+``[H, 1, hidden]``; from ~8k elements on (a batch of 64 rows) oneDNN's faster loop wins
+(:func:`mlp`). The values agree to rounding.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from torch import Tensor
 
 from lessctl.less.kernels import LayerKernels, LearnedKernels
 
+_NATIVE_GELU_MAX = 8192  # elements: below, oneDNN's setup costs more than ATen's slower loop
+
 
 def mlp(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
     """GELU(GELU(x w1) w2): x [h,N,d], w1 [h,d,hidden], w2 [h,hidden,R] -> [h,N,R]; on CPU in
-    eager mode with ATen's exact GELU rather than oneDNN's (module doc)."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    eager mode, for a decode step's few rows, with ATen's exact GELU rather than oneDNN's
+    (module doc)."""
+    small = x.shape[0] * x.shape[1] * w1.shape[-1] <= _NATIVE_GELU_MAX
+    if x.device.type != "cpu" or not small or torch.compiler.is_compiling():
         return F.gelu(torch.bmm(F.gelu(torch.bmm(x, w1)), w2))
     was = torch._C._get_mkldnn_enabled()
     torch._C._set_mkldnn_enabled(False)

@@ -99,8 +99,9 @@ def test_untrained_learned_kernels_are_almost_the_sparse_policy():
     assert 0 < diff < 1e-3
 
 
+@pytest.mark.parametrize("batch", [3, 256])  # GELU by ATen's kernel, by oneDNN's (frozen.mlp)
 @pytest.mark.parametrize("kind", ["learned", "performer"])
-def test_frozen_kernels_equal_the_trained_maps(kind):
+def test_frozen_kernels_equal_the_trained_maps(kind, batch):
     """Decode-time phi/psi (constant factors folded, phi's and psi's MLPs in one product) equal
     the module's own maps in eval mode: a wrong fold of |s1|, W_int, s2 or a swapped head fails."""
     torch.manual_seed(0)
@@ -111,7 +112,7 @@ def test_frozen_kernels_equal_the_trained_maps(kind):
             for p in mod.parameters():
                 p.add_(0.3 * torch.randn_like(p))
     frozen = FrozenKernels(mod)
-    q, k = torch.randn(3, 6, 1, 16), torch.randn(3, 2, 1, 16)
+    q, k = torch.randn(batch, 6, 1, 16), torch.randn(batch, 2, 1, 16)
     with torch.no_grad():
         fq, fk = frozen.row_features(q, k)
         if frozen.linear:  # heads first: [H,B,R]
