@@ -12,7 +12,7 @@ Packed form (the steady state, every slot full): ``keys``/``values`` are views o
 virtual keys (key 0, value ``H_r / z_r``), so a decode step writes in place and attends with one
 call; the fold buffer has its fixed capacity ``w - n``. :class:`StateViews` holds, made once,
 the views of the packed state that a decode step reads and writes, so that it pays for no
-reshaping (on CPU each call costs a decode step ~5 µs, whatever it does).
+reshaping (on CPU each call costs a decode step several µs, whatever it does).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ class StateViews:
     @classmethod
     def of(cls, s: KeptStore, g: int) -> StateViews:
         """Views of packed ``s`` (with a state). Those of ``state.H``/``state.z`` hold while the
-        state is updated in place (learned kernels, nothing released: the steady step)."""
+        state is updated in place, as the steady step does for learned kernels (a log-feature
+        state is replaced each step; the step then uses only bias, logits and values)."""
         b, hkv, m, _ = s.kbuf.shape
         cap = s.positions.shape[-1]
         bias = s.kbuf.new_zeros(b, hkv, g, m)
