@@ -49,7 +49,9 @@ def test_compiled_steady_step_equals_eager(case):
     compiled = torch.compile(steady_step, fullgraph=True, dynamic=False)
     eager_store, compiled_store = layer.store, copy.deepcopy(layer.store)
     compiled_store.pack(
-        None if window is None or not with_kernels else window - policy.budget, H // HKV
+        None if window is None or not with_kernels else window - policy.budget,
+        H // HKV,
+        with_kernels,
     )
     torch.manual_seed(1)
     with torch.no_grad():
@@ -64,6 +66,34 @@ def test_compiled_steady_step_equals_eager(case):
     torch.testing.assert_close(compiled_store.keys, eager_store.keys)
     if with_kernels:
         torch.testing.assert_close(compiled_store.state.H, eager_store.state.H, atol=1e-5, rtol=0)
+
+
+def test_an_empty_feature_adds_nothing_in_the_steady_step():
+    """A feature no folded key has reached (z_r = 0; here psi_r = 0 for every key) adds
+    nothing in the steady step, as in the general path: its virtual key's value H_r / z_r must
+    not be 0 / 0 (without z's floor in KeptStore.pack every row is NaN)."""
+    layer = steady_layer(*CASES["lambda+less"])
+    with torch.no_grad():
+        layer.frozen.m[:, :, 0] = 0  # psi_0 = 0 (the general path's psi)
+        layer.frozen.m_rows[H:, :, 0] = 0  # the same in the steady step's one product
+        s = layer.store
+        s.unpack()
+        s.state.H.zero_(), s.state.z.zero_()
+        s.pack(None, H // HKV, True)
+        general = copy.deepcopy(layer)
+        general.store.unpack()
+        general.steady = False
+        torch.manual_seed(2)
+        for _ in range(3):
+            q, k, v = torch.randn(B, H, 1, D), torch.randn(B, HKV, 1, D), torch.randn(B, HKV, 1, D)
+            outs = []
+            for one in (layer, general):
+                one.update(k, v)
+                outs.append(one.attend(q, k, v, None))
+                one.steady = one is layer  # the general path packs again when full
+            assert torch.isfinite(outs[0]).all()
+            torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert float(s.state.z[..., 0].max()) <= torch.finfo(torch.float32).tiny
 
 
 def test_decode_rows_take_the_steady_step(tiny_model, monkeypatch):

@@ -2,7 +2,8 @@
 the policy's choice, the feature maps (log phi of the query, psi of the freed key), the state
 update (fold, release), writing the new key, the state read (the virtual keys' logits) and the
 attention. Each phase is timed alone on a copy of
-one layer's packed store (median over repetitions), and so is the whole step."""
+one layer's packed store (median over repetitions; a phase that works in place repeats on the
+same buffers, whose values are then not used), and so is the whole step."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from lessctl.cache.step import (
     features,
     one_call,
     read_state,
+    slot_index,
     steady_step,
     update_state,
     write_slot,
@@ -61,16 +63,17 @@ def step_breakdown(layer: EvictingLayer, num_heads: int, reps: int = 50) -> dict
     slot, folded, lo, ln = choose_slot(qg, k, tt, s, policy, window, sc, softcap)
     lr = feats = None
     single = one_call(policy, softcap)
+    at = slot_index(slot, s)
     if s.state is not None:
-        feats = features(q, s, kern, slot)
+        feats = features(q, s, kern, at)
         lr = read_state(feats[0], s, kern, single)
     out = {
         "policy": lambda: choose_slot(qg, k, tt, s, policy, window, sc, softcap),
-        "features": None if feats is None else (lambda: features(q, s, kern, slot)),
+        "features": None if feats is None else (lambda: features(q, s, kern, at)),
         "state_update": None
         if feats is None
         else (lambda: update_state(s, kern, slot, folded, tt, window, feats[1:])),
-        "write": lambda: write_slot(s, slot, k, v, tt),
+        "write": lambda: write_slot(s, slot, at, k, v, tt),
         "state_read": None if feats is None else (lambda: read_state(feats[0], s, kern, single)),
         "attention": lambda: attend(q, s, policy, slot, lo, ln, lr, sc, softcap),
         "total": lambda: steady_step(q, k, v, t, s, policy, kern, scale, window, softcap),

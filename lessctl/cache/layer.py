@@ -265,5 +265,6 @@ class EvictingLayer(CacheLayerMixin):
         if s.positions.shape[-1] != cap or not bool((s.positions >= 0).all()):
             return
         folds = window is not None and window > n and s.state is not None
-        s.pack(window - n if folds else None, group)
+        linear = self.frozen is not None and self.frozen.linear
+        s.pack(window - n if folds else None, group, linear)
         self.steady = True

@@ -24,8 +24,13 @@ reallocation, no concatenation of the cache; ``torch.compile(fullgraph=True)`` c
    over the kept keys).
 
 On a CPU each call into torch costs a decode step some microseconds whatever it computes, so
-the step makes few: learned kernels' features stay heads first as the batched products return
-them and meet the state through views made once (:class:`~lessctl.cache.store.StateViews`).
+the step makes few. Learned kernels read the query's and the freed key's rows from, and write
+phi and psi into, buffers of the store whose views are made once
+(:class:`~lessctl.cache.store.StateViews`); a result bound for a view goes there through
+``out=`` (:func:`_into`); the slot's index serves both the gathers and the writes; z is kept
+at or above a floor while packed, so H / z needs no clamp. With learned kernels a LESS step adds
+14 calls per layer to the plain policy's (two gathers, the rows, five products and GELUs, |.|,
+H and z, H / z, log(phi z)).
 """
 
 from __future__ import annotations
@@ -36,28 +41,44 @@ from torch import Tensor
 
 from lessctl.cache.attend import state_logits
 from lessctl.cache.driver import unfold
-from lessctl.cache.store import KeptStore
+from lessctl.cache.store import Z_FLOOR, KeptStore
 from lessctl.less.frozen import FrozenKernels
 from lessctl.policies.base import Policy, capped, default_scale
 
-_TINY = torch.finfo(torch.float32).tiny
+
+def _at(slot: Tensor, x: Tensor) -> Tensor:
+    """slot [B,Hkv,1] as an index into x [B,Hkv,m,d] -> [B,Hkv,1,d] (expanded)."""
+    return slot.unsqueeze(-1).expand(*slot.shape, x.shape[-1])
 
 
 def _gather_slot(x: Tensor, slot: Tensor) -> Tensor:
     """x [B,Hkv,m,d] at slot [B,Hkv,1] -> [B,Hkv,1,d]."""
-    return x.gather(2, slot[..., None].expand(*slot.shape, x.shape[-1]))
+    return x.gather(2, _at(slot, x))
 
 
-def _put(x: Tensor, slot: Tensor, new: Tensor, where: Tensor | None = None) -> None:
-    """Write new [B,Hkv,1,(d)] into x [B,Hkv,m,(d)] at slot [B,Hkv,1] (only where ``where``)."""
+def _put(
+    x: Tensor, slot: Tensor, new: Tensor, where: Tensor | None = None, at: Tensor | None = None
+) -> None:
+    """Write new [B,Hkv,1,(d)] into x [B,Hkv,m,(d)] at slot [B,Hkv,1] (only where ``where``;
+    ``at``: the slot already as :func:`_at` gives it)."""
     if x.dim() == 4:
+        at = _at(slot, x) if at is None else at
         if where is not None:
-            new = torch.where(where[..., None], new, _gather_slot(x, slot))
-        x.scatter_(2, slot[..., None].expand(*slot.shape, x.shape[-1]), new)
+            new = torch.where(where[..., None], new, x.gather(2, at))
+        x.scatter_(2, at, new)
     else:
         if where is not None:
             new = torch.where(where, new, x.gather(-1, slot))
         x.scatter_(-1, slot, new)
+
+
+def _into(op, out: Tensor, *args: Tensor) -> None:
+    """out[...] = op(*args): eagerly through ``out=`` (one call into torch, not two); compiled
+    as a copy (dynamo refuses ``out=`` into a non-contiguous view)."""
+    if torch.compiler.is_compiling():
+        out.copy_(op(*args))
+    else:
+        op(*args, out=out)
 
 
 def _logits(qg: Tensor, keys: Tensor, sc: float, softcap: float | None) -> Tensor:
@@ -98,27 +119,27 @@ def choose_slot(
     return slot, folded, lo, ln
 
 
-def features(q: Tensor, s: KeptStore, kernels: FrozenKernels, slot: Tensor):
-    """Phase 2b: the row's query features and the features of the key in ``slot``, with its
-    K/V [B,Hkv,1,d] -> (fq, fk, k_ev, v_ev): learned kernels give phi [H,B,R] and psi
-    [Hkv,B,R] (heads first), others log phi [B,H,1,R] and log psi [B,Hkv,1,R]
-    (:meth:`~lessctl.less.frozen.FrozenKernels.row_features`)."""
-    b, hkv, _ = slot.shape
-    at = slot[..., None].expand(b, hkv, 1, s.keys.shape[-1])
-    k_ev = s.keys.gather(2, at)
-    if s.values.shape[-1] != s.keys.shape[-1]:
-        at = slot[..., None].expand(b, hkv, 1, s.values.shape[-1])
-    v_ev = s.values.gather(2, at)
-    fq, fk = kernels.row_features(q, k_ev)
-    return fq, fk, k_ev, v_ev
+def features(q: Tensor, s: KeptStore, kernels: FrozenKernels, at: tuple[Tensor, Tensor]):
+    """Phase 2b: the row's query features and the features of the key in the slot (``at``:
+    its index into keys and values, :func:`_at`), with its K/V [B,Hkv,1,d] -> (fq, fk, k_ev,
+    v_ev): learned kernels write phi and psi into the store's rows (:class:`StateViews`: fq is
+    ``views.phi`` [Hkv,g,B,R], fk ``views.psi`` [B,Hkv,R]), others give log phi [B,H,1,R] and
+    log psi [B,Hkv,1,R]."""
+    k_ev, v_ev = s.keys.gather(2, at[0]), s.values.gather(2, at[1])
+    if not kernels.linear:
+        return kernels.log_phi(q), kernels.log_psi(k_ev), k_ev, v_ev
+    vw = s.views
+    torch.cat([q, k_ev], 1, out=vw.rows)  # in fp32 whatever the model's dtype
+    kernels.rows_into(vw.rows_hf, vw.feats)
+    return vw.phi, vw.psi, k_ev, v_ev
 
 
 def _release_linear(state, psi: Tensor, v: Tensor, mask: Tensor) -> None:
-    """H -= psi^T v, z -= psi (kept >= 0) in place where ``mask`` [B,Hkv,1]: psi
-    [B,Hkv,1,R], v [B,Hkv,1,d] (in place, as the views of :class:`StateViews` need)."""
+    """H -= psi^T v, z -= psi (kept >= its floor, :meth:`KeptStore.pack`) in place where
+    ``mask`` [B,Hkv,1]: psi [B,Hkv,1,R], v [B,Hkv,1,d] (in place, as :class:`StateViews` need)."""
     w = psi * mask[..., None]
     state.H.addcmul_(w.transpose(-1, -2), v, value=-1.0)
-    state.z.sub_(w.squeeze(2)).clamp_(min=0)
+    state.z.sub_(w.squeeze(2)).clamp_(min=Z_FLOOR)
 
 
 def update_state(
@@ -132,8 +153,8 @@ def update_state(
 ) -> None:
     """Phases 1-2, the state: the folded key ``t - w`` leaves it, the freed key (``freed`` =
     its features, K, V; where ``folded``) enters it, and the virtual keys' values follow.
-    Learned kernels update H and z in place, heads first (:class:`StateViews`): H += psi^T v,
-    z += psi (their offset stays 0, so the stored sums are the sums)."""
+    Learned kernels update H and z in place: H += psi^T v, z += psi (their offset stays 0, so
+    the stored sums are the sums)."""
     state, vw = s.state, s.views
     if window is not None and s.fpos is not None:  # the folded key t - w leaves
         gone_f = (s.fpos == tt - window) & (s.fpos >= 0)
@@ -146,13 +167,12 @@ def update_state(
             unfold(state, kernels, k_rel, v_rel, has_rel)
         _put(s.fpos, rel, torch.full_like(rel, -1), has_rel)
     fk, k_ev, v_ev = freed
-    if kernels.linear:
-        psi = fk.view(*fk.shape, 1)  # [Hkv,B,R,1]
+    if kernels.linear:  # fk is views.psi: a key not folded weighs 0
         if folded is not None:
-            psi = psi * folded.transpose(0, 1)[..., None]
-        vw.H_hf.addcmul_(psi, v_ev.transpose(0, 1))
-        vw.z_col_hf.add_(psi)
-        vw.values.copy_(state.H / vw.z_col.clamp(min=_TINY))  # (out= into a view: a graph break)
+            fk.mul_(folded)
+        state.H.addcmul_(vw.psi_col, v_ev)
+        state.z.add_(fk)
+        _into(torch.div, vw.values, state.H, vw.z_col)  # z >= its floor (KeptStore.pack)
     else:
         state.absorb_log(fk, v_ev, folded)
         vw.values.copy_(state.mean_values())
@@ -163,10 +183,19 @@ def update_state(
         _put(s.fpos, free, s.positions.gather(-1, slot), folded)
 
 
-def write_slot(s: KeptStore, slot: Tensor, k: Tensor, v: Tensor, tt: Tensor) -> None:
-    """Phase 3: the new key k/v [B,Hkv,1,d] at position tt [B,1,1] takes ``slot``."""
-    _put(s.keys, slot, k)
-    _put(s.values, slot, v)
+def slot_index(slot: Tensor, s: KeptStore) -> tuple[Tensor, Tensor]:
+    """slot [B,Hkv,1] as indices into the store's keys and values ([B,Hkv,1,d] each)."""
+    at = _at(slot, s.keys)
+    return at, at if s.values.shape[-1] == s.keys.shape[-1] else _at(slot, s.values)
+
+
+def write_slot(
+    s: KeptStore, slot: Tensor, at: tuple[Tensor, Tensor], k: Tensor, v: Tensor, tt: Tensor
+) -> None:
+    """Phase 3: the new key k/v [B,Hkv,1,d] at position tt [B,1,1] takes ``slot`` (``at``:
+    :func:`slot_index`)."""
+    _put(s.keys, slot, k, at=at[0])
+    _put(s.values, slot, v, at=at[1])
     _put(s.positions, slot, tt.expand(*slot.shape))
     if s.acc is not None:
         _put(s.acc, slot, torch.zeros_like(slot, dtype=s.acc.dtype))
@@ -177,12 +206,11 @@ def read_state(fq: Tensor, s: KeptStore, kernels: FrozenKernels, into_bias: bool
     features (:func:`features`): into the attention's bias when it takes one call
     (``into_bias``; -> None), else -> [B,Hkv,g,R] fp32."""
     vw, hkv = s.views, s.keys.shape[1]
-    if kernels.linear:  # log(phi * z): the offset is 0
-        h, b, r = fq.shape
-        lr = torch.log(fq.view(hkv, h // hkv, b, r) * vw.z_row_hf)  # [Hkv,g,B,R]
+    if kernels.linear:  # log(phi * z), the offset being 0 (fq is views.phi: multiplied in place)
+        fq.mul_(vw.z_row_hf)
         if not into_bias:
-            return lr.permute(2, 0, 1, 3)
-        vw.logits_hf.copy_(lr)
+            return fq.log_().permute(2, 0, 1, 3)
+        _into(torch.log, vw.logits_hf, fq)
         return None
     lr = state_logits(fq, s.state, hkv)[:, :, :, 0]
     if not into_bias:
@@ -253,11 +281,12 @@ def steady_step(
     tt = t.view(b, 1, 1)
     qg = q.view(b, hkv, h // hkv, d)
     slot, folded, lo, ln = choose_slot(qg, k, tt, s, policy, window, sc, softcap)
+    at = slot_index(slot, s)
     lr = None
     if s.state is not None:
-        fq, fk, k_ev, v_ev = features(q, s, kernels, slot)
+        fq, fk, k_ev, v_ev = features(q, s, kernels, at)
         if not (window is not None and window <= policy.budget):  # else nothing is folded
             update_state(s, kernels, slot, folded, tt, window, (fk, k_ev, v_ev))
         lr = read_state(fq, s, kernels, one_call(policy, softcap))
-    write_slot(s, slot, k, v, tt)
+    write_slot(s, slot, at, k, v, tt)
     return attend(q, s, policy, slot, lo, ln, lr, sc, softcap)

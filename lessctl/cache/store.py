@@ -11,8 +11,9 @@ Packed form (the steady state, every slot full): ``keys``/``values`` are views o
 ``cap`` slots of ``kbuf``/``vbuf`` ``[B,Hkv,cap+R,d]``, whose last ``R`` slots are the state's
 virtual keys (key 0, value ``H_r / z_r``), so a decode step writes in place and attends with one
 call; the fold buffer has its fixed capacity ``w - n``. :class:`StateViews` holds, made once,
-the views of the packed state that a decode step reads and writes, so that it pays for no
-reshaping (on CPU each call costs a decode step several µs, whatever it does).
+the views of the packed state that a decode step reads and writes, and the learned kernels'
+input and output rows of one step, so that it pays for no reshaping or allocation of them (on
+CPU each call costs a decode step several µs, whatever it does).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor
 from lessctl.cache.eviction import first_true
 from lessctl.less.state import LowRankState
 
+Z_FLOOR = torch.finfo(torch.float32).tiny  # a linear state's least z while packed (pack)
 _TENSORS = ("keys", "values", "positions", "acc", "fkeys", "fvalues", "fpos")
 
 
@@ -42,38 +44,51 @@ def left_pad_counts(attention_mask: Tensor | None) -> Tensor | None:
 
 @dataclass
 class StateViews:
-    """Views of a packed store with a state (module doc) for ``g`` query heads per KV head:
-    ``bias`` owns the attention's additive logits, the rest are views (writes go through)."""
+    """Views of a packed store with a state (module doc) for ``g`` query heads per KV head,
+    and the learned kernels' rows of one decode step: ``bias``, ``rows`` and ``feats`` own their
+    memory, the rest are views (writes go through)."""
 
     bias: Tensor  # [B,Hkv,g,cap+R]: 0 for the kept keys, then the virtual keys' logits
     mask: Tensor  # bias as [B,H,1,cap+R] (query head j reads KV head j // g)
     logits: Tensor  # [B,Hkv,g,R] the virtual keys' logits in bias
     logits_hf: Tensor  # [Hkv,g,B,R] the same, heads first (as the feature maps return phi)
     values: Tensor  # [B,Hkv,R,d] the virtual keys' values in vbuf
-    H_hf: Tensor  # [Hkv,B,R,d] state.H, heads first
-    z_col_hf: Tensor  # [Hkv,B,R,1] state.z
-    z_row_hf: Tensor  # [Hkv,1,B,R] state.z
     z_col: Tensor  # [B,Hkv,R,1] state.z
+    z_row_hf: Tensor  # [Hkv,1,B,R] state.z
+    rows: Tensor  # [B,H+Hkv,1,d] fp32: the query's heads, then the freed key's
+    rows_hf: Tensor  # [H+Hkv,B,d] the same, heads first (the feature maps' input)
+    feats: Tensor  # [H+Hkv,B,R] fp32: phi(q), then psi(k) (the feature maps' output)
+    phi: Tensor  # [Hkv,g,B,R] phi(q) in feats
+    psi: Tensor  # [B,Hkv,R] psi(k) in feats
+    psi_col: Tensor  # [B,Hkv,R,1] the same
 
     @classmethod
     def of(cls, s: KeptStore, g: int) -> StateViews:
-        """Views of packed ``s`` (with a state). Those of ``state.H``/``state.z`` hold while the
-        state is updated in place, as the steady step does for learned kernels (a log-feature
-        state is replaced each step; the step then uses only bias, logits and values)."""
-        b, hkv, m, _ = s.kbuf.shape
-        cap = s.positions.shape[-1]
+        """Views of packed ``s`` (with a state). Those of ``state.z`` hold while the state is
+        updated in place, as the steady step does for learned kernels (a log-feature state is
+        replaced each step; the step then uses only bias, logits and values)."""
+        b, hkv, m, d = s.kbuf.shape
+        cap, r = s.positions.shape[-1], s.state.z.shape[-1]
+        h = hkv * g
         bias = s.kbuf.new_zeros(b, hkv, g, m)
-        H, z = s.state.H, s.state.z
+        rows = torch.zeros(b, h + hkv, 1, d, device=bias.device)
+        feats = torch.zeros(h + hkv, b, r, device=bias.device)
+        z = s.state.z
+        psi = feats[h:].permute(1, 0, 2)
         return cls(
             bias=bias,
             mask=bias.view(b, hkv * g, 1, m),
             logits=bias[..., cap:],
             logits_hf=bias[..., cap:].permute(1, 2, 0, 3),
             values=s.vbuf[:, :, cap:],
-            H_hf=H.transpose(0, 1),
-            z_col_hf=z.transpose(0, 1)[..., None],
-            z_row_hf=z.transpose(0, 1)[:, None],
             z_col=z[..., None],
+            z_row_hf=z.transpose(0, 1)[:, None],
+            rows=rows,
+            rows_hf=rows.view(b, h + hkv, d).transpose(0, 1),
+            feats=feats,
+            phi=feats[:h].view(hkv, g, b, r),
+            psi=psi,
+            psi_col=psi[..., None],
         )
 
 
@@ -116,9 +131,12 @@ class KeptStore:
         """Leave the packed form (the general path reallocates freely)."""
         self.kbuf = self.vbuf = self.views = None
 
-    def pack(self, fold_capacity: int | None, group: int) -> None:
+    def pack(self, fold_capacity: int | None, group: int, linear_state: bool = False) -> None:
         """Enter the packed form (module doc); ``fold_capacity``: the fold buffer's fixed size;
-        ``group``: query heads per KV head."""
+        ``group``: query heads per KV head; ``linear_state``: the state is updated linearly in
+        place (learned kernels), and z is floored at the smallest normal float so that a step
+        divides H by z unclamped (an empty feature then weighs ``phi * 1.2e-38`` rather than 0,
+        with value 0)."""
         b, hkv, m, d = self.keys.shape
         r = 0 if self.state is None else self.state.z.shape[-1]
         self.kbuf = self.keys.new_zeros(b, hkv, m + r, d)
@@ -128,6 +146,8 @@ class KeptStore:
         self.keys, self.values = self.kbuf[:, :, :m], self.vbuf[:, :, :m]
         self.positions = self.positions.contiguous()
         if self.state is not None:
+            if linear_state:
+                self.state.z.clamp_(min=Z_FLOOR)
             self.vbuf[:, :, m:] = self.state.mean_values().to(self.vbuf.dtype)
             self.views = StateViews.of(self, group)
         if fold_capacity is not None and self.state is not None:
@@ -137,8 +157,8 @@ class KeptStore:
         """Every tensor held (the packed buffers count once, not their views)."""
         held = [getattr(self, n) for n in _TENSORS]
         if self.packed:
-            bias = None if self.views is None else self.views.bias
-            held = [self.kbuf, self.vbuf, *held[2:], bias]
+            own = [] if self.views is None else [self.views.bias, self.views.rows, self.views.feats]
+            held = [self.kbuf, self.vbuf, *held[2:], *own]
         out = [x for x in held if x is not None]
         if self.state is not None:
             out += [self.state.H, self.state.z]

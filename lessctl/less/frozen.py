@@ -89,19 +89,12 @@ class FrozenKernels:
         hidden = mlp(kh, self.w1k, self.w2k)
         return _heads_back(torch.bmm(hidden, self.m).abs(), bs)
 
-    def row_features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """One row's features: q [B,H,1,d], k [B,Hkv,1,d] -> ``(phi(q) [H,B,R], psi(k)
-        [Hkv,B,R])``, heads first as the batched products give them, for learned kernels (both
-        MLPs in one pair of products); ``(log_phi(q) [B,H,1,R], log_psi(k) [B,Hkv,1,R])``
-        otherwise (``linear`` says which)."""
-        if not self.linear:
-            return self.log_phi(q), self.log_psi(k)
-        b, h, _, d = q.shape
-        x = torch.cat([q, k], 1)
-        if x.dtype != torch.float32:
-            x = x.float()
-        u = mlp(x.view(b, -1, d).transpose(0, 1), self.w1, self.w2)
-        return torch.bmm(u, self.m_rows).abs_().split([h, k.shape[1]])
+    def rows_into(self, x: Tensor, out: Tensor) -> Tensor:
+        """One decode step's rows, learned kernels: x [H+Hkv, B, d] fp32 (the query's heads,
+        then the freed key's) -> ``|mlp(x) M|`` written into out [H+Hkv, B, R] fp32 (phi, then
+        psi; both MLPs in one pair of products) and returned."""
+        torch.bmm(mlp(x, self.w1, self.w2), self.m_rows, out=out)
+        return out.abs_()
 
     def log_psi(self, k: Tensor) -> Tensor:
         if not self.linear:

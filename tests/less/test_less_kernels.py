@@ -114,16 +114,11 @@ def test_frozen_kernels_equal_the_trained_maps(kind, batch):
     frozen = FrozenKernels(mod)
     q, k = torch.randn(batch, 6, 1, 16), torch.randn(batch, 2, 1, 16)
     with torch.no_grad():
-        fq, fk = frozen.row_features(q, k)
-        if frozen.linear:  # heads first: [H,B,R]
-            torch.testing.assert_close(
-                fq, mod.phi(q)[:, :, 0].transpose(0, 1), rtol=1e-5, atol=1e-6
-            )
-            torch.testing.assert_close(
-                fk, mod.psi(k)[:, :, 0].transpose(0, 1), rtol=1e-5, atol=1e-6
-            )
-        else:
-            torch.testing.assert_close(fq, mod.log_phi(q), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(fk, mod.log_psi(k), rtol=1e-5, atol=1e-5)
+        if frozen.linear:  # one decode step's rows, heads first: [H+Hkv,B,R]
+            rows = torch.cat([q, k], 1)[:, :, 0].transpose(0, 1)
+            out = torch.full((8, batch, 4), float("nan"))
+            assert frozen.rows_into(rows, out) is out
+            want = torch.cat([mod.phi(q), mod.psi(k)], 1)[:, :, 0].transpose(0, 1)
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(frozen.log_phi(q), mod.log_phi(q), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(frozen.log_psi(k), mod.log_psi(k), rtol=1e-4, atol=1e-4)
