@@ -39,7 +39,7 @@ clean:
 # to eval.methods); summarisation: 100 XSum
 # examples at the trained budget of 32 tokens (h2o, the paper's summarisation policy); a small
 # passkey grid; lm-eval's WikiText measure and a multiple-choice task; the decode bench (1k, 8k,
-# 16k tokens, throughput at equal memory at 8k, interleaved latency ratios at 1k). Every run is
+# 16k tokens; interleaved at 1k: latency ratios and throughput at equal memory). Every run is
 # labelled run_name=reproduce and the report holds only those runs. The two policies' kernels
 # train side by side (joblib), each job with half the cores: the small kernels' steps use two
 # threads poorly.

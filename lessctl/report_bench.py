@@ -80,6 +80,45 @@ def _paired_section(d: pd.DataFrame) -> list[str]:
     ]
 
 
+def _throughput_section(d: pd.DataFrame) -> list[str]:
+    """Throughput at equal memory, measured interleaved (:mod:`lessctl.bench.paired`), with the
+    ratios' intervals."""
+    from lessctl.bench import throughput_ratios
+    from lessctl.report import _md
+
+    eq = d[d.metric == "equal_memory_tokens_per_s"]
+    if eq.empty:
+        return []
+    cap = eq["memory_cap_mb"].dropna().iloc[0]
+    t = eq[["method", "context"]].copy()
+    t["batch that fits"] = eq["batch_size"].astype(int)
+    t["tokens/s"] = eq["value"]
+    t["rounds"] = eq["samples_ms"].map(len)
+    out = [
+        f"Throughput at equal memory ({cap:g} MiB of cache; the batch is capped by "
+        "`bench.max_batch`; decode only; every method's batch decoded in the same interleaved "
+        "rounds, tokens/s from the mean step time):",
+        "",
+        _md(t.sort_values(["context", "method"])),
+        "",
+    ]
+    est = throughput_ratios(eq.to_dict("records"))
+    if est:
+        r = pd.DataFrame(
+            [
+                {
+                    "context": c,
+                    "tokens/s ratio": f"{num} / {den}",
+                    "value": e.value,
+                    "95% interval": f"[{e.low:.3f}, {e.high:.3f}]",
+                }
+                for (c, num, den), e in est.items()
+            ]
+        )
+        out += [_md(r), ""]
+    return out
+
+
 def bench_sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
     """Markdown for the newest bench run in ``rows`` (all saved rows; empty: no lines)."""
     from lessctl.report import _md
@@ -128,19 +167,7 @@ def bench_sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
         t["prefill peak MiB"] = pre["prefill_peak_mem_bytes"] / MiB
         t["cache MiB"] = pre["cache_bytes"] / MiB
         out += ["Prefill only (chunked protocol):", "", _md(t), ""]
-    if "equal_memory_batch" in w:
-        eq = w[w["equal_memory_batch"].notna()]
-        cap = d["memory_cap_mb"].dropna().iloc[0] if "memory_cap_mb" in d else None
-        t = eq[["method", "context"]].copy()
-        t["batch that fits"] = eq["equal_memory_batch"].astype(int)
-        t["tokens/s"] = eq["equal_memory_tokens_per_s"]
-        out += [
-            f"Throughput at equal memory ({cap:g} MiB of cache; the batch is capped by "
-            "`bench.max_batch`; decode only):",
-            "",
-            _md(t.sort_values(["context", "method"])),
-            "",
-        ]
+    out += _throughput_section(d)
     cols = [f"step_{p}_us" for p in PHASES if f"step_{p}_us" in w]
     if cols:
         st = w[w[cols[-1]].notna()]

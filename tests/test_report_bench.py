@@ -30,12 +30,18 @@ def rows(run: str, lat: dict[tuple[str, int], float]) -> list[dict]:
         }
         if method != "full":
             vals |= {"step_policy_us": 30.0, "step_total_us": 100.0}
-        if context == 8192:
-            vals |= {
-                "equal_memory_batch": 2 if method == "full" else 64,
-                "equal_memory_tokens_per_s": 10.0 if method == "full" else 500.0,
-            }
         out += [{**base, "metric": k, "value": v} for k, v in vals.items()]
+        if context == 8192:  # interleaved rounds at each method's equal-memory batch
+            fit, ms = (2, [200.0, 200.0]) if method == "full" else (64, [128.0, 128.0])
+            out.append(
+                {
+                    **base,
+                    "batch_size": fit,
+                    "metric": "equal_memory_tokens_per_s",
+                    "value": fit * 1e3 / ms[0],
+                    "samples_ms": ms,
+                }
+            )
     return out
 
 
@@ -48,7 +54,8 @@ def test_ratios_come_from_the_newest_run(tmp_path):
     md = "\n".join(bench_sections(pd.DataFrame(old + new), tmp_path))
     assert "20260102-000000-000000-x" in md and "20260101" not in md
     assert "| 8192 | 1 | 1.100 | 0.250 | 0.275 |" in md  # less/baseline, baseline/full, less/full
-    assert "| less | 8192 | 64 | 500.000 |" in md  # equal memory
+    assert "| less | 8192 | 64 | 500.000 | 2 |" in md  # equal memory
+    assert "| 8192 | less / full | 50.000 | [50.000, 50.000] |" in md  # (64/128) / (2/200)
     assert "| baseline | 8192 | 30.000 | 100.000 |" in md  # step phases
     assert (tmp_path / "bench-latency_ms.png").exists()
 

@@ -22,13 +22,14 @@ Metrics per row: ``latency_ms``, ``tokens_per_s``, ``cache_bytes`` (every cache 
 included), ``peak_mem_bytes`` (over the timed steps: ``torch.cuda.max_memory_allocated`` on
 CUDA, else the process's peak resident set, model weights included), ``prefill_s``,
 ``prefill_peak_mem_bytes``; for evicting methods ``step_<phase>_us`` (layer 0's steady step
-timed per phase, :mod:`lessctl.bench.breakdown`); at ``bench.throughput_contexts``
-``equal_memory_batch`` / ``equal_memory_tokens_per_s``: the largest batch whose cache fits
-``bench.memory_cap_mb`` (at most ``bench.max_batch``) and its decode throughput (the prefilled
-cache replicated over the batch; prefill not counted). ``bench.prefill_contexts``: prefill-only
+timed per phase, :mod:`lessctl.bench.breakdown`). ``bench.prefill_contexts``: prefill-only
 rows for ``less`` (a prompt longer than memory would allow unchunked). ``bench.paired_contexts``:
 rows ``paired_ms`` (mean, with every step in ``samples_ms``) from one step of each method in turn
 in this process (:mod:`lessctl.bench.paired`), whose ratios carry a paired bootstrap interval.
+``bench.throughput_contexts``: rows ``equal_memory_tokens_per_s`` (``batch_size``: the largest
+batch whose cache fits ``bench.memory_cap_mb``, at most ``bench.max_batch``; every step at it in
+``samples_ms``), the prefilled cache replicated over the batch and decoded in the same
+interleaved rounds (prefill not counted); their ratios carry a paired interval too.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from omegaconf import DictConfig
 
 from lessctl.bench.measure import bench_kernels, chunked_prefill_ok, decode_steps, measure
 from lessctl.bench.memory import in_fresh_process, peak_memory, reset_peak, return_freed_memory
-from lessctl.bench.paired import interleaved, ratio
+from lessctl.bench.paired import interleaved, ratio, throughput_ratio
 from lessctl.errors import LessctlError
 from lessctl.models import attention_geometry
 from lessctl.policies.budget import build_policy
@@ -52,6 +53,7 @@ __all__ = [
     "decode_steps",
     "latency_ratios",
     "paired_ratios",
+    "throughput_ratios",
     "peak_memory",
     "reset_peak",
     "run",
@@ -135,7 +137,8 @@ def run(cfg: DictConfig, model, tokenizer, log=print) -> list[dict[str, Any]]:
         else:
             log("no prefill-only rows: LESS cannot prefill in chunks on sliding-window layers")
     paired = [int(c) for c in b.get("paired_contexts", [])]
-    for c in sorted({p[0] for p in plan} | set(paired)):
+    throughput = [int(c) for c in b.throughput_contexts]
+    for c in sorted({p[0] for p in plan} | set(paired) | set(throughput)):
         _check(cfg, model, names, c)
     rows: list[dict[str, Any]] = []
     for context, batch, name, decode in plan:
@@ -145,14 +148,30 @@ def run(cfg: DictConfig, model, tokenizer, log=print) -> list[dict[str, Any]]:
         rows += [{**base, "metric": k, "value": float(v)} for k, v in got["values"].items()]
         what = "decode" if decode else "prefill only"
         log(f"{name} context {context} batch {batch} ({what}): {time.perf_counter() - t0:.1f}s")
-    for context in paired:
+    for context in sorted(set(paired) | set(throughput)):
         t0 = time.perf_counter()
         here = [n for n in names if n != "full" or context <= full_max]
-        for name, got in interleaved(cfg, model, here, context).items():
-            base = _columns(cfg, name, context, 1, got["budget"], got["cols"])
-            mean = sum(got["ms"]) / len(got["ms"])
-            rows.append({**base, "metric": "paired_ms", "value": mean, "samples_ms": got["ms"]})
-        log(f"interleaved {', '.join(here)} context {context}: {time.perf_counter() - t0:.1f}s")
+        eq = context in throughput
+        got = interleaved(cfg, model, here, context, context in paired, eq)
+        for name, m in got.items():
+            base = _columns(cfg, name, context, 1, m["budget"], m["cols"])
+            if m["ms"]:
+                mean = sum(m["ms"]) / len(m["ms"])
+                rows.append({**base, "metric": "paired_ms", "value": mean, "samples_ms": m["ms"]})
+            if eq:
+                fit, ms = m["eq_batch"], m["eq_ms"]
+                tps = fit * 1e3 * len(ms) / sum(ms) if ms else 0.0
+                rows.append(
+                    {
+                        **base,
+                        "batch_size": fit,
+                        "metric": "equal_memory_tokens_per_s",
+                        "value": tps,
+                        "samples_ms": ms,
+                    }
+                )
+        what = "interleaved" + (", equal memory" if eq else "")
+        log(f"{what} {', '.join(here)} context {context}: {time.perf_counter() - t0:.1f}s")
     for line in summary(rows):
         log(line)
     return rows
@@ -192,6 +211,23 @@ def paired_ratios(rows: list[dict[str, Any]]) -> dict[tuple[int, str, str], Esti
     }
 
 
+def throughput_ratios(rows: list[dict[str, Any]]) -> dict[tuple[int, str, str], Estimate]:
+    """{(context, num, den): tokens/s at equal memory of num / den over the same interleaved
+    rounds, each at its own batch, with its paired bootstrap interval} from the
+    ``equal_memory_tokens_per_s`` rows (a method that fits no sequence has none)."""
+    eq = {
+        (r["context"], r["method"]): (r["batch_size"], r["samples_ms"])
+        for r in rows
+        if r["metric"] == "equal_memory_tokens_per_s" and r["batch_size"] > 0
+    }
+    return {
+        (c, num, den): throughput_ratio(eq[(c, num)], eq[(c, den)])
+        for c in sorted({c for c, _ in eq})
+        for num, den in RATIOS
+        if (c, num) in eq and (c, den) in eq
+    }
+
+
 def _by(rows: list[dict], metric: str) -> dict[tuple[int, int, str], float]:
     return {
         (r["context"], r["batch_size"], r["method"]): r["value"]
@@ -213,18 +249,16 @@ def latency_ratios(rows: list[dict[str, Any]]) -> dict[tuple[int, int], float]:
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     """A table of the decode rows and the ratios measured in this run."""
     lat, tps, cb = _by(rows, "latency_ms"), _by(rows, "tokens_per_s"), _by(rows, "cache_bytes")
-    peak, eq = _by(rows, "peak_mem_bytes"), _by(rows, "equal_memory_tokens_per_s")
-    eqb = _by(rows, "equal_memory_batch")
+    peak = _by(rows, "peak_mem_bytes")
     out = [
         f"{'context':>8} {'batch':>5} {'method':>9} {'ms/token':>9} {'tokens/s':>9} "
-        f"{'cache MiB':>10} {'peak MiB':>9} {'eq-mem batch':>12} {'eq-mem tok/s':>12}"
+        f"{'cache MiB':>10} {'peak MiB':>9}"
     ]
     for key in sorted(lat):
         c, bs, m = key
-        eqs = f"{int(eqb[key]):>12} {eq[key]:>12.1f}" if key in eq else f"{'-':>12} {'-':>12}"
         out.append(
             f"{c:>8} {bs:>5} {m:>9} {lat[key]:>9.2f} {tps[key]:>9.1f} {cb[key] / 2**20:>10.2f} "
-            f"{peak[key] / 2**20:>9.0f} {eqs}"
+            f"{peak[key] / 2**20:>9.0f}"
         )
     for c, bs in sorted({(c, bs) for c, bs, _ in lat}):
         ratios = []
@@ -239,5 +273,12 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     for (c, num, den), e in paired_ratios(rows).items():
         out.append(
             f"context {c} interleaved: {num}/{den} = {e.value:.3f} [{e.low:.3f}, {e.high:.3f}]"
+        )
+    for (c, bs, m), v in sorted(_by(rows, "equal_memory_tokens_per_s").items()):
+        out.append(f"context {c} equal memory: {m} batch {bs}, {v:.1f} tokens/s")
+    for (c, num, den), e in throughput_ratios(rows).items():
+        out.append(
+            f"context {c} equal memory: tokens/s {num}/{den} = {e.value:.2f} "
+            f"[{e.low:.2f}, {e.high:.2f}]"
         )
     return out

@@ -1,5 +1,5 @@
-"""One method at one context, alone: prefill, decode latency, memory, and throughput at a memory
-cap (module doc of :mod:`lessctl.bench`)."""
+"""One method at one context, alone: prefill, decode latency, memory and the decode step's
+phases (module doc of :mod:`lessctl.bench`)."""
 
 from __future__ import annotations
 
@@ -167,21 +167,4 @@ def measure(
         layer = cache.layers[0]
         phases = step_breakdown(layer, geo["num_heads"])
         values |= {f"step_{k}_us": v for k, v in phases.items()}
-    if context in [int(c) for c in b.throughput_contexts] and batch == 1:
-        values |= equal_memory(cfg, model, name, cache, first, values["cache_bytes"])
     return {"values": values, "budget": None if name == "full" else policy.budget, "cols": cols}
-
-
-def equal_memory(cfg: DictConfig, model, name: str, cache, first, per_seq: float) -> dict:
-    """Throughput at a memory cap: the largest batch whose cache fits ``bench.memory_cap_mb``
-    (at most ``bench.max_batch``), this one prefilled sequence's cache replicated, timed as
-    above -> {equal_memory_batch, equal_memory_tokens_per_s}."""
-    b = cfg.bench
-    fit = min(int(b.max_batch), int(float(b.memory_cap_mb) * 2**20 // per_seq))
-    if fit < 1:
-        return {"equal_memory_batch": 0, "equal_memory_tokens_per_s": 0.0}
-    cache.batch_repeat_interleave(fit)
-    first = first.repeat_interleave(fit, 0)
-    times = decode_steps(model, cache, running(model, cache), first, 2, int(b.steps))
-    lat = statistics.median(times)
-    return {"equal_memory_batch": fit, "equal_memory_tokens_per_s": fit / lat}

@@ -5,8 +5,13 @@ two such latencies moves by ±0.2 between runs. Here every method's cache is pre
 process (as :func:`lessctl.bench.measure.measure` does) and then decoded one greedy step at a
 time in turn, the order rotating every round, so that a change of load falls on all methods
 alike. A round is a unit: the ratio of two methods' mean step times comes with a paired
-bootstrap interval over rounds (:mod:`lessctl.stats`). Memory is not measured here (every cache
-lives in one process): that stays with the isolated measurement.
+bootstrap interval over rounds (:mod:`lessctl.stats`). Peak memory is not measured here (every
+cache lives in one process): that stays with the isolated measurement.
+
+Throughput at equal memory is measured the same way: after the batch-1 rounds each method's
+prefilled cache (at its budget by then) is replicated to the largest batch whose cache bytes fit
+``bench.memory_cap_mb`` (at most ``bench.max_batch``; :func:`equal_memory_batch`), and the
+methods again take one step each in turn, each at its own batch.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from lessctl.bench.measure import bench_kernels, make_cache, random_prompt, sync
-from lessctl.cache import prefill, running
+from lessctl.cache import cache_nbytes, prefill, running
 from lessctl.models import attention_geometry
 from lessctl.policies.budget import build_policy
 from lessctl.stats import Estimate, Samples, estimate
@@ -43,11 +48,43 @@ def _step(model, cache, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         return nxt, (start.elapsed_time(end) / 1e3 if cuda else seconds)
 
 
-def interleaved(cfg: DictConfig, model, names: list[str], context: int) -> dict[str, dict]:
+def equal_memory_batch(cfg: DictConfig, cache) -> int:
+    """The largest batch of copies of ``cache`` (one sequence) whose cache bytes fit
+    ``bench.memory_cap_mb``, at most ``bench.max_batch`` (0: not even one)."""
+    cap = float(cfg.bench.memory_cap_mb) * 2**20
+    return min(int(cfg.bench.max_batch), int(cap // cache_nbytes(cache)))
+
+
+def _rounds(model, caches: dict, x: dict, out: dict, key: str, warmup: int, steps: int) -> None:
+    """``warmup`` untimed and ``steps`` timed rounds of one step of every method in ``caches``,
+    the order rotating per round; ms per timed step appended to ``out[method][key]``, the first
+    sequence's greedy tokens to ``out[method]["tokens"]`` at batch 1."""
+    names = list(caches)
+    for i in range(warmup + steps):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            x[name], seconds = _step(model, caches[name], x[name])
+            if x[name].shape[0] == 1:
+                out[name]["tokens"].append(int(x[name][0, 0]))
+            if i >= warmup:
+                out[name][key].append(seconds * 1e3)
+
+
+def interleaved(
+    cfg: DictConfig,
+    model,
+    names: list[str],
+    context: int,
+    timed: bool = True,
+    equal_memory: bool = False,
+) -> dict[str, dict]:
     """Every method in ``names`` at ``context`` (batch 1), prefilled here, then ``bench.warmup``
-    untimed and ``bench.steps`` timed rounds of one step each, the order rotating per round
-    -> {method: {"ms": [steps] ms per timed step, "tokens": [warmup + steps] greedy tokens,
-    "budget": the policy's budget (None: full), "cols": the kernels' columns (less)}}."""
+    untimed and (``timed``) ``bench.steps`` timed rounds of one step each, the order rotating
+    per round; with ``equal_memory`` then 2 untimed and ``bench.steps`` timed rounds at each
+    method's equal-memory batch (module doc) -> {method: {"ms": [steps] ms per timed step,
+    "tokens": [warmup + steps] greedy tokens, "budget": the policy's budget (None: full),
+    "cols": the kernels' columns (less), "eq_batch": the batch, "eq_ms": [steps] ms per step
+    at it}}."""
     b = cfg.bench
     geo = attention_geometry(model)
     policy = build_policy(
@@ -55,7 +92,9 @@ def interleaved(cfg: DictConfig, model, names: list[str], context: int) -> dict[
     )
     ids = random_prompt(cfg, model, 1, context)
     caches, x = {}, {}
-    out = {n: {"ms": [], "tokens": [], "budget": policy.budget, "cols": {}} for n in names}
+    out = {
+        n: {"ms": [], "tokens": [], "budget": policy.budget, "cols": {}, "eq_ms": []} for n in names
+    }
     for name in names:
         kernels = None
         if name == "less":
@@ -64,14 +103,17 @@ def interleaved(cfg: DictConfig, model, names: list[str], context: int) -> dict[
             out[name]["budget"] = None
         caches[name], chunk = make_cache(model, name, policy, kernels, int(b.prefill_chunk))
         x[name] = prefill(model, caches[name], ids, chunk).argmax(-1, keepdim=True)
-    warmup = int(b.warmup)
-    for i in range(warmup + int(b.steps)):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            x[name], seconds = _step(model, caches[name], x[name])
-            out[name]["tokens"].append(int(x[name][0, 0]))
-            if i >= warmup:
-                out[name]["ms"].append(seconds * 1e3)
+    _rounds(model, caches, x, out, "ms", int(b.warmup), int(b.steps) if timed else 0)
+    if not equal_memory:
+        return out
+    for name in names:
+        fit = out[name]["eq_batch"] = equal_memory_batch(cfg, caches[name])
+        if fit < 1:
+            del caches[name]
+            continue
+        caches[name].batch_repeat_interleave(fit)
+        x[name] = x[name].repeat_interleave(fit, 0)
+    _rounds(model, caches, x, out, "eq_ms", 2, int(b.steps))
     return out
 
 
@@ -79,3 +121,10 @@ def ratio(num_ms: list[float], den_ms: list[float], seed: int = 0) -> Estimate:
     """Mean step time of one method over another's, paired by round, with its interval."""
     ones = [1.0] * len(num_ms)
     return estimate([Samples(num_ms, ones), Samples(den_ms, ones)], lambda a, b: a / b, seed=seed)
+
+
+def throughput_ratio(num: tuple[int, list[float]], den: tuple[int, list[float]]) -> Estimate:
+    """Tokens/s of one method over another's, each (batch, ms per step of the same rounds):
+    ``(B_num / mean ms_num) / (B_den / mean ms_den)``, with its paired interval."""
+    e, f = ratio(den[1], num[1]), num[0] / den[0]
+    return Estimate(e.value * f, e.low * f, e.high * f)
