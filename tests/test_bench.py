@@ -126,6 +126,29 @@ def test_bench_rows_and_cache_bytes_in_one_process(compose, tiny_model):
     assert any("prefill less context 512" in line for line in lines)
 
 
+def test_equal_memory_where_no_sequence_fits(compose, tiny_model):
+    """A cap below one sequence's cache: batch 0 and no rounds for every method (not a crash),
+    and no ratio from them."""
+    model, _ = tiny_model
+    cfg = compose(
+        "model=tiny-random",
+        "bench.prefill_chunk=32",
+        "bench.memory_cap_mb=0.0001",
+        "bench.steps=2",
+        "bench.warmup=1",
+        "policy=lambda",
+        "policy.budget.size=16",
+    )
+    out = interleaved(cfg, model, ["full", "baseline"], 64, timed=False, equal_memory=True)
+    assert all(m["eq_batch"] == 0 and m["eq_ms"] == [] and m["ms"] == [] for m in out.values())
+    assert all(len(m["tokens"]) == 1 for m in out.values())  # the warm-up step only
+    rows = [
+        {"context": 64, "method": n, "metric": "equal_memory_tokens_per_s", "batch_size": 0}
+        for n in out
+    ]
+    assert bench.throughput_ratios(rows) == {}
+
+
 def test_interleaved_steps_decode_as_each_method_alone(compose, tiny_model):
     """One step of each method in turn: every cache decodes exactly the tokens it decodes alone
     (the methods' caches and attention functions do not leak into each other)."""

@@ -70,8 +70,9 @@ def test_compiled_steady_step_equals_eager(case):
 
 def test_an_empty_feature_adds_nothing_in_the_steady_step():
     """A feature no folded key has reached (z_r = 0; here psi_r = 0 for every key) adds
-    nothing in the steady step, as in the general path: its virtual key's value H_r / z_r must
-    not be 0 / 0 (without z's floor in KeptStore.pack every row is NaN)."""
+    nothing in the steady step, as in the general path where z_r stays exactly 0: its virtual
+    key's value H_r / z_r must not be 0 / 0 (without z's floor in KeptStore.pack every row is
+    NaN), and the floor's weight phi_r * 1.2e-38 must not show."""
     layer = steady_layer(*CASES["lambda+less"])
     with torch.no_grad():
         layer.frozen.m[:, :, 0] = 0  # psi_0 = 0 (the general path's psi)
@@ -79,10 +80,10 @@ def test_an_empty_feature_adds_nothing_in_the_steady_step():
         s = layer.store
         s.unpack()
         s.state.H.zero_(), s.state.z.zero_()
-        s.pack(None, H // HKV, True)
-        general = copy.deepcopy(layer)
-        general.store.unpack()
+        general = copy.deepcopy(layer)  # before the floor; it never packs (nor floors) again
         general.steady = False
+        general._check_steady = lambda group: None
+        s.pack(None, H // HKV, True)
         torch.manual_seed(2)
         for _ in range(3):
             q, k, v = torch.randn(B, H, 1, D), torch.randn(B, HKV, 1, D), torch.randn(B, HKV, 1, D)
@@ -90,10 +91,11 @@ def test_an_empty_feature_adds_nothing_in_the_steady_step():
             for one in (layer, general):
                 one.update(k, v)
                 outs.append(one.attend(q, k, v, None))
-                one.steady = one is layer  # the general path packs again when full
             assert torch.isfinite(outs[0]).all()
             torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert layer.steady and not general.store.packed
     assert float(s.state.z[..., 0].max()) <= torch.finfo(torch.float32).tiny
+    assert float(general.store.state.z[..., 0].abs().max()) == 0.0
 
 
 def test_decode_rows_take_the_steady_step(tiny_model, monkeypatch):

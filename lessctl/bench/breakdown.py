@@ -3,7 +3,8 @@ the policy's choice, the feature maps (log phi of the query, psi of the freed ke
 update (fold, release), writing the new key, the state read (the virtual keys' logits) and the
 attention. Each phase is timed alone on a copy of
 one layer's packed store (median over repetitions; a phase that works in place repeats on the
-same buffers, whose values are then not used), and so is the whole step."""
+same buffers: the state read's repetitions leave phi's buffer meaningless, and the attention
+reads its own copy of the read's logits), and so is the whole step."""
 
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def step_breakdown(layer: EvictingLayer, num_heads: int, reps: int = 50) -> dict
     if s.state is not None:
         feats = features(q, s, kern, at)
         lr = read_state(feats[0], s, kern, single)
+        lr = None if lr is None else lr.clone()  # (state_read's repetitions overwrite phi)
     out = {
         "policy": lambda: choose_slot(qg, k, tt, s, policy, window, sc, softcap),
         "features": None if feats is None else (lambda: features(q, s, kern, at)),

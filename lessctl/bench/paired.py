@@ -55,16 +55,18 @@ def equal_memory_batch(cfg: DictConfig, cache) -> int:
     return min(int(cfg.bench.max_batch), int(cap // cache_nbytes(cache)))
 
 
-def _rounds(model, caches: dict, x: dict, out: dict, key: str, warmup: int, steps: int) -> None:
-    """``warmup`` untimed and ``steps`` timed rounds of one step of every method in ``caches``,
-    the order rotating per round; ms per timed step appended to ``out[method][key]``, the first
-    sequence's greedy tokens to ``out[method]["tokens"]`` at batch 1."""
+def _rounds(
+    model, caches: dict, x: dict, out: dict, key: str, warmup: int, steps: int, tokens: bool
+) -> None:
+    """``warmup`` untimed and ``steps`` timed rounds of one step of every method in ``caches``
+    (none: nothing), the order rotating per round; ms per timed step appended to
+    ``out[method][key]``, with ``tokens`` the greedy tokens to ``out[method]["tokens"]``."""
     names = list(caches)
-    for i in range(warmup + steps):
+    for i in range(warmup + steps if names else 0):
         k = i % len(names)
         for name in names[k:] + names[:k]:
             x[name], seconds = _step(model, caches[name], x[name])
-            if x[name].shape[0] == 1:
+            if tokens:
                 out[name]["tokens"].append(int(x[name][0, 0]))
             if i >= warmup:
                 out[name][key].append(seconds * 1e3)
@@ -82,9 +84,9 @@ def interleaved(
     untimed and (``timed``) ``bench.steps`` timed rounds of one step each, the order rotating
     per round; with ``equal_memory`` then 2 untimed and ``bench.steps`` timed rounds at each
     method's equal-memory batch (module doc) -> {method: {"ms": [steps] ms per timed step,
-    "tokens": [warmup + steps] greedy tokens, "budget": the policy's budget (None: full),
-    "cols": the kernels' columns (less), "eq_batch": the batch, "eq_ms": [steps] ms per step
-    at it}}."""
+    "tokens": [warmup + steps] greedy tokens of the batch-1 rounds, "budget": the policy's
+    budget (None: full), "cols": the kernels' columns (less), "eq_batch": the batch (0: not
+    one sequence fits, no rounds), "eq_ms": [steps] ms per step at it}}."""
     b = cfg.bench
     geo = attention_geometry(model)
     policy = build_policy(
@@ -103,7 +105,7 @@ def interleaved(
             out[name]["budget"] = None
         caches[name], chunk = make_cache(model, name, policy, kernels, int(b.prefill_chunk))
         x[name] = prefill(model, caches[name], ids, chunk).argmax(-1, keepdim=True)
-    _rounds(model, caches, x, out, "ms", int(b.warmup), int(b.steps) if timed else 0)
+    _rounds(model, caches, x, out, "ms", int(b.warmup), int(b.steps) if timed else 0, True)
     if not equal_memory:
         return out
     for name in names:
@@ -113,7 +115,7 @@ def interleaved(
             continue
         caches[name].batch_repeat_interleave(fit)
         x[name] = x[name].repeat_interleave(fit, 0)
-    _rounds(model, caches, x, out, "eq_ms", 2, int(b.steps))
+    _rounds(model, caches, x, out, "eq_ms", 2, int(b.steps), False)
     return out
 
 

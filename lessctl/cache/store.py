@@ -45,8 +45,8 @@ def left_pad_counts(attention_mask: Tensor | None) -> Tensor | None:
 @dataclass
 class StateViews:
     """Views of a packed store with a state (module doc) for ``g`` query heads per KV head,
-    and the learned kernels' rows of one decode step: ``bias``, ``rows`` and ``feats`` own their
-    memory, the rest are views (writes go through)."""
+    and (learned kernels) the kernels' rows of one decode step: ``bias``, ``rows`` and
+    ``feats`` own their memory, the rest are views (writes go through); None: not held."""
 
     bias: Tensor  # [B,Hkv,g,cap+R]: 0 for the kept keys, then the virtual keys' logits
     mask: Tensor  # bias as [B,H,1,cap+R] (query head j reads KV head j // g)
@@ -55,27 +55,25 @@ class StateViews:
     values: Tensor  # [B,Hkv,R,d] the virtual keys' values in vbuf
     z_col: Tensor  # [B,Hkv,R,1] state.z
     z_row_hf: Tensor  # [Hkv,1,B,R] state.z
-    rows: Tensor  # [B,H+Hkv,1,d] fp32: the query's heads, then the freed key's
-    rows_hf: Tensor  # [H+Hkv,B,d] the same, heads first (the feature maps' input)
-    feats: Tensor  # [H+Hkv,B,R] fp32: phi(q), then psi(k) (the feature maps' output)
-    phi: Tensor  # [Hkv,g,B,R] phi(q) in feats
-    psi: Tensor  # [B,Hkv,R] psi(k) in feats
-    psi_col: Tensor  # [B,Hkv,R,1] the same
+    rows: Tensor | None = None  # [B,H+Hkv,1,d] fp32: the query's heads, then the freed key's
+    rows_hf: Tensor | None = None  # [H+Hkv,B,d] the same, heads first (the kernels' input)
+    feats: Tensor | None = None  # [H+Hkv,B,R] fp32: phi(q), then psi(k) (the kernels' output)
+    phi: Tensor | None = None  # [Hkv,g,B,R] phi(q) in feats
+    psi: Tensor | None = None  # [B,Hkv,R] psi(k) in feats
+    psi_col: Tensor | None = None  # [B,Hkv,R,1] the same
 
     @classmethod
-    def of(cls, s: KeptStore, g: int) -> StateViews:
-        """Views of packed ``s`` (with a state). Those of ``state.z`` hold while the state is
-        updated in place, as the steady step does for learned kernels (a log-feature state is
-        replaced each step; the step then uses only bias, logits and values)."""
+    def of(cls, s: KeptStore, g: int, linear: bool) -> StateViews:
+        """Views of packed ``s`` (with a state); ``linear``: learned kernels, whose rows it
+        holds. Those of ``state.z`` hold while the state is updated in place, as the steady
+        step does for learned kernels (a log-feature state is replaced each step; the step then
+        uses only bias, logits and values)."""
         b, hkv, m, d = s.kbuf.shape
         cap, r = s.positions.shape[-1], s.state.z.shape[-1]
         h = hkv * g
         bias = s.kbuf.new_zeros(b, hkv, g, m)
-        rows = torch.zeros(b, h + hkv, 1, d, device=bias.device)
-        feats = torch.zeros(h + hkv, b, r, device=bias.device)
         z = s.state.z
-        psi = feats[h:].permute(1, 0, 2)
-        return cls(
+        views = cls(
             bias=bias,
             mask=bias.view(b, hkv * g, 1, m),
             logits=bias[..., cap:],
@@ -83,13 +81,15 @@ class StateViews:
             values=s.vbuf[:, :, cap:],
             z_col=z[..., None],
             z_row_hf=z.transpose(0, 1)[:, None],
-            rows=rows,
-            rows_hf=rows.view(b, h + hkv, d).transpose(0, 1),
-            feats=feats,
-            phi=feats[:h].view(hkv, g, b, r),
-            psi=psi,
-            psi_col=psi[..., None],
         )
+        if linear:
+            rows = torch.zeros(b, h + hkv, 1, d, device=bias.device)
+            feats = torch.zeros(h + hkv, b, r, device=bias.device)
+            views.rows, views.rows_hf = rows, rows.view(b, h + hkv, d).transpose(0, 1)
+            views.feats, views.phi = feats, feats[:h].view(hkv, g, b, r)
+            views.psi = feats[h:].permute(1, 0, 2)
+            views.psi_col = views.psi[..., None]
+        return views
 
 
 @dataclass
@@ -131,7 +131,7 @@ class KeptStore:
         """Leave the packed form (the general path reallocates freely)."""
         self.kbuf = self.vbuf = self.views = None
 
-    def pack(self, fold_capacity: int | None, group: int, linear_state: bool = False) -> None:
+    def pack(self, fold_capacity: int | None, group: int, linear_state: bool) -> None:
         """Enter the packed form (module doc); ``fold_capacity``: the fold buffer's fixed size;
         ``group``: query heads per KV head; ``linear_state``: the state is updated linearly in
         place (learned kernels), and z is floored at the smallest normal float so that a step
@@ -149,7 +149,7 @@ class KeptStore:
             if linear_state:
                 self.state.z.clamp_(min=Z_FLOOR)
             self.vbuf[:, :, m:] = self.state.mean_values().to(self.vbuf.dtype)
-            self.views = StateViews.of(self, group)
+            self.views = StateViews.of(self, group, linear_state)
         if fold_capacity is not None and self.state is not None:
             self.fkeys, self.fvalues, self.fpos = _padded_fold(self, fold_capacity)
 
