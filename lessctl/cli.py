@@ -107,12 +107,14 @@ def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> It
     launcher handles SIGTERM itself), `failed` when it raises (or exits with an error)."""
     import torch
 
+    from lessctl.cache import native
     from lessctl.config import resolve_device
     from lessctl.runs import start_run
 
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
+    native_mode = native.configure(cfg.get("native_step", "auto"))
     # only the main thread may set handlers; one set by a launcher (submitit) is left alone
     mine = (
         threading.current_thread() is threading.main_thread()
@@ -131,9 +133,11 @@ def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> It
         except BaseException:
             run.finish("failed")
             raise
+        run.update_meta(native_step=native.status())  # whether the C++ LESS step was built
         run.finish()
     finally:
         torch.set_num_threads(threads)  # in-process callers keep theirs
+        native.configure(native_mode)
         if mine:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pandas as pd
 
 MiB = 2**20
-PHASES = ("policy", "features", "state_update", "write", "state_read", "attention", "total")
 
 
 def _wide(d: pd.DataFrame) -> pd.DataFrame:
@@ -168,9 +167,10 @@ def bench_sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
         t["cache MiB"] = pre["cache_bytes"] / MiB
         out += ["Prefill only (chunked protocol):", "", _md(t), ""]
     out += _throughput_section(d)
-    cols = [f"step_{p}_us" for p in PHASES if f"step_{p}_us" in w]
+    phases = [m for m in d["metric"] if m.startswith("step_") and m.endswith("_us")]
+    cols = [c for c in dict.fromkeys(phases) if c in w]  # in the bench's order
     if cols:
-        st = w[w[cols[-1]].notna()]
+        st = w[w["step_total_us"].notna()]
         t = st[["method", "context"]].copy()
         for c in cols:
             t[c[5:-3]] = st[c]

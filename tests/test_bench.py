@@ -117,11 +117,14 @@ def test_bench_rows_and_cache_bytes_in_one_process(compose, tiny_model):
         assert len(ms) == 2 and eq[m]["value"] == pytest.approx(eq[m]["batch_size"] * 2e3 / sum(ms))
     assert eq["less"]["batch_size"] < eq["baseline"]["batch_size"]  # the state costs bytes
     assert any("context 128 equal memory: tokens/s less/baseline" in line for line in lines)
-    # the step's phases, LESS only for the state's
-    assert (
-        got[("less", 128, "step_state_update_us")] > 0 and got[("less", 128, "step_total_us")] > 0
-    )
-    assert got[("baseline", 128, "step_state_update_us")] == 0
+    # the step's phases: LESS's state in one C++ call on CPU (native_step=auto; the torch path's
+    # three phases: tests/test_native_step.py), none for the baseline
+    assert got[("less", 128, "step_state_us")] > 0 and got[("less", 128, "step_total_us")] > 0
+    assert ("less", 128, "step_features_us") not in got
+    assert not any(k[0] == "baseline" and k[2].startswith("step_state") for k in got)
+    less_rows = [r for r in rows if r["method"] == "less" and r["metric"] == "latency_ms"]
+    assert less_rows and all(r["native_step"] is True for r in less_rows)
+    assert all(r["native_step"] is None for r in rows if r["method"] != "less")
     assert any("less/baseline" in line for line in lines)
     assert any("prefill less context 512" in line for line in lines)
 

@@ -43,6 +43,7 @@ from omegaconf import DictConfig
 from lessctl.bench.measure import bench_kernels, chunked_prefill_ok, decode_steps, measure
 from lessctl.bench.memory import in_fresh_process, peak_memory, reset_peak, return_freed_memory
 from lessctl.bench.paired import interleaved, ratio, throughput_ratio
+from lessctl.cache import native
 from lessctl.errors import LessctlError
 from lessctl.models import attention_geometry
 from lessctl.policies.budget import build_policy
@@ -78,6 +79,7 @@ def _measure_in_fresh_process(cfg_dict: dict, name: str, context: int, batch: in
     from lessctl.models import load_model
 
     torch.set_num_threads(int(cfg_dict.pop("_threads")))
+    native.configure(cfg_dict.get("native_step", "auto"))
     return_freed_memory()
     cfg = OmegaConf.create(cfg_dict)
     device = torch.device("cpu")
@@ -192,6 +194,7 @@ def _columns(cfg: DictConfig, name: str, context: int, batch: int, budget, cols:
         "kernels": None,
         "trained_budget": None,
         "transfer": None,
+        "native_step": None,  # less: whether its steps ran the C++ LESS step (cache/native.py)
         **cols,
     }
 

@@ -1,10 +1,12 @@
 """Where a steady decode step's time goes, per phase of :func:`~lessctl.cache.step.steady_step`:
 the policy's choice, the feature maps (log phi of the query, psi of the freed key), the state
 update (fold, release), writing the new key, the state read (the virtual keys' logits) and the
-attention. Each phase is timed alone on a copy of
-one layer's packed store (median over repetitions; a phase that works in place repeats on the
-same buffers: the state read's repetitions leave phi's buffer meaningless, and the attention
-reads its own copy of the read's logits), and so is the whole step."""
+attention; where the layer runs the C++ LESS step (:mod:`lessctl.cache.native`), its one call
+(``state``: features, update and read together) instead of those three. Each phase is timed
+alone on a copy of one layer's packed store (median over repetitions; a phase that works in
+place repeats on the same buffers: the state's repetitions leave its buffers meaningless, and
+the attention reads its own copy of the read's logits), and so is the whole step; a phase the
+step does not have is None."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from lessctl.cache.step import (
     attend,
     choose_slot,
     features,
+    native_state,
     one_call,
     read_state,
     slot_index,
@@ -28,7 +31,16 @@ from lessctl.cache.step import (
 )
 from lessctl.policies.base import default_scale
 
-PHASES = ("policy", "features", "state_update", "write", "state_read", "attention", "total")
+PHASES = (
+    "policy",
+    "features",
+    "state_update",
+    "state",
+    "write",
+    "state_read",
+    "attention",
+    "total",
+)
 
 
 def _median_us(fn, device: torch.device, reps: int) -> float:
@@ -62,10 +74,18 @@ def step_breakdown(layer: EvictingLayer, num_heads: int, reps: int = 50) -> dict
     tt, qg = t.view(b, 1, 1), q.view(b, hkv, num_heads // hkv, d)
     sc = default_scale(d, scale)
     slot, folded, lo, ln = choose_slot(qg, k, tt, s, policy, window, sc, softcap)
-    lr = feats = None
+    lr = feats = state = None
     single = one_call(policy, softcap)
     at = slot_index(slot, s)
-    if s.state is not None:
+    native = layer.native
+    if s.state is not None and native is not None:
+        absorb = not (window is not None and window <= policy.budget)
+
+        def state():
+            return native_state(native, q, s, kern, slot, folded, tt, window, absorb)
+
+        lr = None if single else state().clone()
+    elif s.state is not None:
         feats = features(q, s, kern, at)
         lr = read_state(feats[0], s, kern, single)
         lr = None if lr is None else lr.clone()  # (state_read's repetitions overwrite phi)
@@ -75,9 +95,10 @@ def step_breakdown(layer: EvictingLayer, num_heads: int, reps: int = 50) -> dict
         "state_update": None
         if feats is None
         else (lambda: update_state(s, kern, slot, folded, tt, window, feats[1:])),
+        "state": state,
         "write": lambda: write_slot(s, slot, at, k, v, tt),
         "state_read": None if feats is None else (lambda: read_state(feats[0], s, kern, single)),
         "attention": lambda: attend(q, s, policy, slot, lo, ln, lr, sc, softcap),
-        "total": lambda: steady_step(q, k, v, t, s, policy, kern, scale, window, softcap),
+        "total": lambda: steady_step(q, k, v, t, s, policy, kern, scale, window, softcap, native),
     }
-    return {name: 0.0 if fn is None else _median_us(fn, dev, reps) for name, fn in out.items()}
+    return {name: None if fn is None else _median_us(fn, dev, reps) for name, fn in out.items()}

@@ -105,6 +105,11 @@ def make_cache(model, name: str, policy: Policy, kernels, chunk: int):
     return cache, chunk
 
 
+def native_used(cache) -> bool:
+    """Whether the cache's steady steps ran the C++ LESS step (lessctl/cache/native.py)."""
+    return any(getattr(layer, "native", None) is not None for layer in cache.layers)
+
+
 def random_prompt(cfg: DictConfig, model, batch: int, context: int) -> torch.Tensor:
     """The bench's prompt: token ids [batch, context] drawn from the vocabulary, seeded by
     ``cfg.seed`` (the same prompt for every method), on the model's device."""
@@ -157,6 +162,8 @@ def measure(
         on_timed=lambda: reset_peak(device),
     )
     lat = statistics.median(times) * 1e3
+    if name == "less":
+        cols = {**cols, "native_step": native_used(cache)}
     values |= {
         "latency_ms": lat,
         "tokens_per_s": batch / (lat / 1e3),
@@ -166,5 +173,5 @@ def measure(
     if name != "full" and b.breakdown and batch == 1:
         layer = cache.layers[0]
         phases = step_breakdown(layer, geo["num_heads"])
-        values |= {f"step_{k}_us": v for k, v in phases.items()}
+        values |= {f"step_{k}_us": v for k, v in phases.items() if v is not None}
     return {"values": values, "budget": None if name == "full" else policy.budget, "cols": cols}

@@ -21,7 +21,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from lessctl.bench.measure import bench_kernels, make_cache, random_prompt, sync
+from lessctl.bench.measure import bench_kernels, make_cache, native_used, random_prompt, sync
 from lessctl.cache import cache_nbytes, prefill, running
 from lessctl.models import attention_geometry
 from lessctl.policies.budget import build_policy
@@ -106,6 +106,8 @@ def interleaved(
         caches[name], chunk = make_cache(model, name, policy, kernels, int(b.prefill_chunk))
         x[name] = prefill(model, caches[name], ids, chunk).argmax(-1, keepdim=True)
     _rounds(model, caches, x, out, "ms", int(b.warmup), int(b.steps) if timed else 0, True)
+    if "less" in caches:
+        out["less"]["cols"]["native_step"] = native_used(caches["less"])
     if not equal_memory:
         return out
     for name in names:

@@ -19,6 +19,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from lessctl.cache.attend import rows_attention, sdpa_rows
 from lessctl.cache.driver import evict_row, release
+from lessctl.cache.native import less_step_op
 from lessctl.cache.step import steady_step
 from lessctl.cache.store import KeptStore
 from lessctl.errors import LessctlError
@@ -49,6 +50,7 @@ class EvictingLayer(CacheLayerMixin):
         self.store: KeptStore | None = None
         self.first_evict: Tensor | None = None  # [B] row of the first eviction (accumulate)
         self.seen, self.pending, self.steady = 0, False, False
+        self.native = None  # the C++ op of the steady step's state part (lessctl.cache.native)
         self.window: int | None = None
         self.softcap: float | None = None
         self.scale: float | None = None
@@ -170,6 +172,7 @@ class EvictingLayer(CacheLayerMixin):
                 scale,
                 window,
                 softcap,
+                self.native,
             )
             self.seen += 1
             return out
@@ -267,4 +270,5 @@ class EvictingLayer(CacheLayerMixin):
         folds = window is not None and window > n and s.state is not None
         linear = self.frozen is not None and self.frozen.linear
         s.pack(window - n if folds else None, group, linear)
+        self.native = less_step_op() if linear and s.keys.device.type == "cpu" else None
         self.steady = True

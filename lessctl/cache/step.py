@@ -30,7 +30,8 @@ phi and psi into, buffers of the store whose views are made once
 ``out=`` (:func:`_into`); the slot's index serves both the gathers and the writes; z is kept
 at or above a floor while packed, so H / z needs no clamp. With learned kernels a LESS step adds
 14 calls per layer to the plain policy's (two gathers, the rows, five products and GELUs, |.|,
-H and z, H / z, log(phi z)).
+H and z, H / z, log(phi z)); on CPU they are one call of a C++ op instead (:func:`native_state`,
+:mod:`lessctl.cache.native`), which computes the same (tests/test_native_step.py).
 """
 
 from __future__ import annotations
@@ -142,6 +143,31 @@ def _release_linear(state, psi: Tensor, v: Tensor, mask: Tensor) -> None:
     state.z.sub_(w.squeeze(2)).clamp_(min=Z_FLOOR)
 
 
+def release_expired(s: KeptStore, kernels: FrozenKernels, tt: Tensor, window: int) -> None:
+    """Phase 1 (a sliding layer whose state holds keys still inside the window): the folded key
+    ``t - w`` leaves the state and the fold buffer."""
+    gone_f = (s.fpos == tt - window) & (s.fpos >= 0)
+    rel = gone_f.long().argmax(-1, keepdim=True)
+    has_rel = gone_f.any(-1, keepdim=True)
+    k_rel, v_rel = _gather_slot(s.fkeys, rel), _gather_slot(s.fvalues, rel)
+    if kernels.linear:
+        _release_linear(s.state, kernels.psi(k_rel), v_rel, has_rel)
+    else:
+        unfold(s.state, kernels, k_rel, v_rel, has_rel)
+    _put(s.fpos, rel, torch.full_like(rel, -1), has_rel)
+
+
+def remember_folded(
+    s: KeptStore, slot: Tensor, folded: Tensor | None, k_ev: Tensor, v_ev: Tensor
+) -> None:
+    """The freed key k_ev/v_ev [B,Hkv,1,d], where ``folded``, joins the fold buffer until it
+    leaves the window (before the slot is written: its position is read from it)."""
+    free = (s.fpos < 0).long().argmax(-1, keepdim=True)
+    _put(s.fkeys, free, k_ev, folded)
+    _put(s.fvalues, free, v_ev, folded)
+    _put(s.fpos, free, s.positions.gather(-1, slot), folded)
+
+
 def update_state(
     s: KeptStore,
     kernels: FrozenKernels,
@@ -156,16 +182,9 @@ def update_state(
     Learned kernels update H and z in place: H += psi^T v, z += psi (their offset stays 0, so
     the stored sums are the sums)."""
     state, vw = s.state, s.views
-    if window is not None and s.fpos is not None:  # the folded key t - w leaves
-        gone_f = (s.fpos == tt - window) & (s.fpos >= 0)
-        rel = gone_f.long().argmax(-1, keepdim=True)
-        has_rel = gone_f.any(-1, keepdim=True)
-        k_rel, v_rel = _gather_slot(s.fkeys, rel), _gather_slot(s.fvalues, rel)
-        if kernels.linear:
-            _release_linear(state, kernels.psi(k_rel), v_rel, has_rel)
-        else:
-            unfold(state, kernels, k_rel, v_rel, has_rel)
-        _put(s.fpos, rel, torch.full_like(rel, -1), has_rel)
+    folds = window is not None and s.fpos is not None
+    if folds:
+        release_expired(s, kernels, tt, window)
     fk, k_ev, v_ev = freed
     if kernels.linear:  # fk is views.psi: a key not folded weighs 0
         if folded is not None:
@@ -176,11 +195,48 @@ def update_state(
     else:
         state.absorb_log(fk, v_ev, folded)
         vw.values.copy_(state.mean_values())
-    if window is not None and s.fpos is not None:  # remember it until it leaves the window
-        free = (s.fpos < 0).long().argmax(-1, keepdim=True)
-        _put(s.fkeys, free, k_ev, folded)
-        _put(s.fvalues, free, v_ev, folded)
-        _put(s.fpos, free, s.positions.gather(-1, slot), folded)
+    if folds:
+        remember_folded(s, slot, folded, k_ev, v_ev)
+
+
+def native_state(
+    native,
+    q: Tensor,
+    s: KeptStore,
+    kernels: FrozenKernels,
+    slot: Tensor,
+    folded: Tensor | None,
+    tt: Tensor,
+    window: int | None,
+    absorb: bool,
+) -> Tensor:
+    """Phases 2b-4a in one call of the C++ op (:mod:`lessctl.cache.native`; learned kernels on
+    CPU): what :func:`features`, :func:`update_state` and :func:`read_state` do, the fold
+    buffer's bookkeeping of a sliding layer staying here -> the virtual keys' logits
+    [B,Hkv,g,R] fp32 (a view of the attention's bias)."""
+    vw, state = s.views, s.state
+    folds = absorb and window is not None and s.fpos is not None
+    if folds:
+        release_expired(s, kernels, tt, window)
+        k_ev, v_ev = _gather_slot(s.keys, slot), _gather_slot(s.values, slot)
+    native(
+        q,
+        s.keys,
+        s.values,
+        slot,
+        folded,
+        kernels.w1,
+        kernels.w2,
+        kernels.m,
+        state.H,
+        state.z,
+        vw.values,
+        vw.logits,
+        absorb,
+    )
+    if folds:
+        remember_folded(s, slot, folded, k_ev, v_ev)
+    return vw.logits
 
 
 def slot_index(slot: Tensor, s: KeptStore) -> tuple[Tensor, Tensor]:
@@ -271,10 +327,12 @@ def steady_step(
     scale: float | None,
     window: int | None,
     softcap: float | None,
+    native=None,
 ) -> Tensor:
     """One decode row (module doc): q [B,H,1,d], k/v [B,Hkv,1,d], t [B] long (the row's
     position in each sequence), ``s`` packed -> out [B,H,1,d] in q's dtype; ``s`` is updated
-    in place."""
+    in place. ``native``: the C++ op of :mod:`lessctl.cache.native` for the state's part
+    (learned kernels on CPU; not while traced), None: the torch path."""
     b, h, _, d = q.shape
     hkv = k.shape[1]
     sc = default_scale(d, scale)
@@ -284,9 +342,14 @@ def steady_step(
     at = slot_index(slot, s)
     lr = None
     if s.state is not None:
-        fq, fk, k_ev, v_ev = features(q, s, kernels, at)
-        if not (window is not None and window <= policy.budget):  # else nothing is folded
-            update_state(s, kernels, slot, folded, tt, window, (fk, k_ev, v_ev))
-        lr = read_state(fq, s, kernels, one_call(policy, softcap))
+        absorb = not (window is not None and window <= policy.budget)  # else nothing is folded
+        if native is not None and not torch.compiler.is_compiling():
+            logits = native_state(native, q, s, kernels, slot, folded, tt, window, absorb)
+            lr = None if one_call(policy, softcap) else logits
+        else:
+            fq, fk, k_ev, v_ev = features(q, s, kernels, at)
+            if absorb:
+                update_state(s, kernels, slot, folded, tt, window, (fk, k_ev, v_ev))
+            lr = read_state(fq, s, kernels, one_call(policy, softcap))
     write_slot(s, slot, at, k, v, tt)
     return attend(q, s, policy, slot, lo, ln, lr, sc, softcap)
