@@ -124,22 +124,31 @@ def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> It
         signal.signal(signal.SIGTERM, _terminated)
     try:
         device = run_stage(resolve_device, cfg.device)
+        if native.mode() == "always":  # a failed build is an error now, not at a decode step
+            run_stage(native.less_step_op)
         run = start_run(cfg, command, overrides or [], device=str(device))
         try:
             yield run
         except KeyboardInterrupt:
-            run.finish("interrupted")
+            _finish(run, "interrupted")
             raise
         except BaseException:
-            run.finish("failed")
+            _finish(run, "failed")
             raise
-        run.update_meta(native_step=native.status())  # whether the C++ LESS step was built
-        run.finish()
+        _finish(run, "finished")
     finally:
         torch.set_num_threads(threads)  # in-process callers keep theirs
         native.configure(native_mode)
         if mine:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _finish(run: Run, status: str) -> None:
+    """Mark the run folder, with whether this process built the C++ LESS step."""
+    from lessctl.cache import native
+
+    run.update_meta(native_step=native.status())
+    run.finish(status)
 
 
 def _terminated(signum, frame) -> None:

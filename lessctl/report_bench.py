@@ -137,6 +137,15 @@ def bench_sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
         "process).",
         "",
     ]
+    if "native_step" in d:
+        used = set(d.loc[d["method"] == "less", "native_step"].dropna().map(bool))
+        say = {
+            frozenset({True}): "the C++ op",
+            frozenset({False}): "the torch path",
+            frozenset({True, False}): "the C++ op in some rows and the torch path in others",
+        }.get(frozenset(used))
+        if say:
+            out += [f"LESS's steady steps ran {say} (`native_step`).", ""]
     dec = w[w.get("latency_ms").notna()] if "latency_ms" in w else w[:0]
     if not dec.empty:
         t = dec[["method", "policy", "budget", "batch_size", "context"]].copy()

@@ -48,11 +48,12 @@ def test_compiled_steady_step_equals_eager(case):
     layer = steady_layer(policy, with_kernels, window, softcap)
     compiled = torch.compile(steady_step, fullgraph=True, dynamic=False)
     eager_store, compiled_store = layer.store, copy.deepcopy(layer.store)
-    compiled_store.pack(
-        None if window is None or not with_kernels else window - policy.budget,
-        H // HKV,
-        with_kernels,
-    )
+    for store in (eager_store, compiled_store):  # the torch path's rows (the C++ step has none)
+        store.pack(
+            None if window is None or not with_kernels else window - policy.budget,
+            H // HKV,
+            with_kernels,
+        )
     torch.manual_seed(1)
     with torch.no_grad():
         for i in range(3):

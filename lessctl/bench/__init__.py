@@ -117,7 +117,7 @@ def _check(cfg: DictConfig, model, names: list[str], context: int) -> None:
 
 def run(cfg: DictConfig, model, tokenizer, log=print) -> list[dict[str, Any]]:
     """Rows {task: bench, model, method, policy, budget, context, batch_size, prefill_chunk,
-    kernels, trained_budget, transfer, metric, value} (module doc)."""
+    kernels, trained_budget, transfer, native_step, metric, value} (module doc)."""
     b = cfg.bench
     names = list(b.methods)
     bad = [n for n in names if n not in BENCH_METHODS]

@@ -82,9 +82,10 @@ def step_breakdown(layer: EvictingLayer, num_heads: int, reps: int = 50) -> dict
         absorb = not (window is not None and window <= policy.budget)
 
         def state():
-            return native_state(native, q, s, kern, slot, folded, tt, window, absorb)
+            return native_state(native, q, s, kern, slot, folded, tt, window, absorb, single)
 
-        lr = None if single else state().clone()
+        lr = state()
+        lr = None if lr is None else lr.clone()  # (the state's repetitions overwrite it)
     elif s.state is not None:
         feats = features(q, s, kern, at)
         lr = read_state(feats[0], s, kern, single)

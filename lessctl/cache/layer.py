@@ -269,6 +269,6 @@ class EvictingLayer(CacheLayerMixin):
             return
         folds = window is not None and window > n and s.state is not None
         linear = self.frozen is not None and self.frozen.linear
-        s.pack(window - n if folds else None, group, linear)
         self.native = less_step_op() if linear and s.keys.device.type == "cpu" else None
+        s.pack(window - n if folds else None, group, linear, feature_rows=self.native is None)
         self.steady = True

@@ -16,6 +16,7 @@ kernels, a traced step) the torch path runs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform
 from collections.abc import Callable
@@ -44,7 +45,8 @@ def mode() -> str:
 def _build() -> Callable:
     from torch.utils.cpp_extension import load
 
-    name = f"lessctl_less_step_{platform.machine()}"  # one build per architecture
+    digest = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:10]
+    name = f"lessctl_less_step_{platform.machine()}_{digest}"  # per architecture and source
     return load(name, [str(_SOURCE)], extra_cflags=["-O3"], verbose=False).less_step
 
 

@@ -30,8 +30,10 @@ phi and psi into, buffers of the store whose views are made once
 ``out=`` (:func:`_into`); the slot's index serves both the gathers and the writes; z is kept
 at or above a floor while packed, so H / z needs no clamp. With learned kernels a LESS step adds
 14 calls per layer to the plain policy's (two gathers, the rows, five products and GELUs, |.|,
-H and z, H / z, log(phi z)); on CPU they are one call of a C++ op instead (:func:`native_state`,
-:mod:`lessctl.cache.native`), which computes the same (tests/test_native_step.py).
+H and z, H / z, log(phi z)); on CPU, where the C++ op builds and ``native_step`` allows it, they
+are one call of it instead (:func:`native_state`, :mod:`lessctl.cache.native`; a sliding layer's
+release and fold buffer stay in torch), which computes the same to rounding
+(tests/test_native_step.py).
 """
 
 from __future__ import annotations
@@ -209,12 +211,14 @@ def native_state(
     tt: Tensor,
     window: int | None,
     absorb: bool,
-) -> Tensor:
+    into_bias: bool,
+) -> Tensor | None:
     """Phases 2b-4a in one call of the C++ op (:mod:`lessctl.cache.native`; learned kernels on
     CPU): what :func:`features`, :func:`update_state` and :func:`read_state` do, the fold
-    buffer's bookkeeping of a sliding layer staying here -> the virtual keys' logits
-    [B,Hkv,g,R] fp32 (a view of the attention's bias)."""
+    buffer's bookkeeping of a sliding layer staying here; the virtual keys' logits go into the
+    attention's bias (``into_bias``; -> None), else -> [B,Hkv,g,R] fp32."""
     vw, state = s.views, s.state
+    logits = vw.logits if into_bias else vw.pass_logits
     folds = absorb and window is not None and s.fpos is not None
     if folds:
         release_expired(s, kernels, tt, window)
@@ -231,12 +235,12 @@ def native_state(
         state.H,
         state.z,
         vw.values,
-        vw.logits,
+        logits,
         absorb,
     )
     if folds:
         remember_folded(s, slot, folded, k_ev, v_ev)
-    return vw.logits
+    return None if into_bias else logits
 
 
 def slot_index(slot: Tensor, s: KeptStore) -> tuple[Tensor, Tensor]:
@@ -343,13 +347,13 @@ def steady_step(
     lr = None
     if s.state is not None:
         absorb = not (window is not None and window <= policy.budget)  # else nothing is folded
+        single = one_call(policy, softcap)
         if native is not None and not torch.compiler.is_compiling():
-            logits = native_state(native, q, s, kernels, slot, folded, tt, window, absorb)
-            lr = None if one_call(policy, softcap) else logits
+            lr = native_state(native, q, s, kernels, slot, folded, tt, window, absorb, single)
         else:
             fq, fk, k_ev, v_ev = features(q, s, kernels, at)
             if absorb:
                 update_state(s, kernels, slot, folded, tt, window, (fk, k_ev, v_ev))
-            lr = read_state(fq, s, kernels, one_call(policy, softcap))
+            lr = read_state(fq, s, kernels, single)
     write_slot(s, slot, at, k, v, tt)
     return attend(q, s, policy, slot, lo, ln, lr, sc, softcap)

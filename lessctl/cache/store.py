@@ -55,6 +55,8 @@ class StateViews:
     values: Tensor  # [B,Hkv,R,d] the virtual keys' values in vbuf
     z_col: Tensor  # [B,Hkv,R,1] state.z
     z_row_hf: Tensor  # [Hkv,1,B,R] state.z
+    pass_logits: Tensor | None = None  # [B,Hkv,g,R] fp32: the C++ step's logits for a logits
+    # pass (the bias's view where it is fp32, else its own)
     rows: Tensor | None = None  # [B,H+Hkv,1,d] fp32: the query's heads, then the freed key's
     rows_hf: Tensor | None = None  # [H+Hkv,B,d] the same, heads first (the kernels' input)
     feats: Tensor | None = None  # [H+Hkv,B,R] fp32: phi(q), then psi(k) (the kernels' output)
@@ -63,15 +65,18 @@ class StateViews:
     psi_col: Tensor | None = None  # [B,Hkv,R,1] the same
 
     @classmethod
-    def of(cls, s: KeptStore, g: int, linear: bool) -> StateViews:
+    def of(cls, s: KeptStore, g: int, linear: bool, feature_rows: bool = True) -> StateViews:
         """Views of packed ``s`` (with a state); ``linear``: learned kernels, whose rows it
-        holds. Those of ``state.z`` hold while the state is updated in place, as the steady
-        step does for learned kernels (a log-feature state is replaced each step; the step then
-        uses only bias, logits and values)."""
+        holds where ``feature_rows`` (the torch path; the C++ step of
+        :mod:`lessctl.cache.native` has its own, and an fp32 ``pass_logits`` instead). Those of
+        ``state.z`` hold while the state is updated in place, as the steady step does for
+        learned kernels (a log-feature state is replaced each step; the step then uses only
+        bias, logits and values)."""
         b, hkv, m, d = s.kbuf.shape
         cap, r = s.positions.shape[-1], s.state.z.shape[-1]
         h = hkv * g
         bias = s.kbuf.new_zeros(b, hkv, g, m)
+        dev = bias.device
         z = s.state.z
         views = cls(
             bias=bias,
@@ -82,7 +87,10 @@ class StateViews:
             z_col=z[..., None],
             z_row_hf=z.transpose(0, 1)[:, None],
         )
-        if linear:
+        if linear and not feature_rows:
+            fp32 = bias.dtype == torch.float32
+            views.pass_logits = views.logits if fp32 else torch.zeros(b, hkv, g, r, device=dev)
+        elif linear:
             rows = torch.zeros(b, h + hkv, 1, d, device=bias.device)
             feats = torch.zeros(h + hkv, b, r, device=bias.device)
             views.rows, views.rows_hf = rows, rows.view(b, h + hkv, d).transpose(0, 1)
@@ -131,12 +139,18 @@ class KeptStore:
         """Leave the packed form (the general path reallocates freely)."""
         self.kbuf = self.vbuf = self.views = None
 
-    def pack(self, fold_capacity: int | None, group: int, linear_state: bool) -> None:
+    def pack(
+        self,
+        fold_capacity: int | None,
+        group: int,
+        linear_state: bool,
+        feature_rows: bool = True,
+    ) -> None:
         """Enter the packed form (module doc); ``fold_capacity``: the fold buffer's fixed size;
         ``group``: query heads per KV head; ``linear_state``: the state is updated linearly in
         place (learned kernels), and z is floored at the smallest normal float so that a step
         divides H by z unclamped (an empty feature then weighs ``phi * 1.2e-38`` rather than 0,
-        with value 0)."""
+        with value 0); ``feature_rows``: hold the torch path's rows (:class:`StateViews`)."""
         b, hkv, m, d = self.keys.shape
         r = 0 if self.state is None else self.state.z.shape[-1]
         self.kbuf = self.keys.new_zeros(b, hkv, m + r, d)
@@ -149,7 +163,7 @@ class KeptStore:
             if linear_state:
                 self.state.z.clamp_(min=Z_FLOOR)
             self.vbuf[:, :, m:] = self.state.mean_values().to(self.vbuf.dtype)
-            self.views = StateViews.of(self, group, linear_state)
+            self.views = StateViews.of(self, group, linear_state, feature_rows)
         if fold_capacity is not None and self.state is not None:
             self.fkeys, self.fvalues, self.fpos = _padded_fold(self, fold_capacity)
 
@@ -157,7 +171,10 @@ class KeptStore:
         """Every tensor held (the packed buffers count once, not their views)."""
         held = [getattr(self, n) for n in _TENSORS]
         if self.packed:
-            own = [] if self.views is None else [self.views.bias, self.views.rows, self.views.feats]
+            vw = self.views
+            own = [] if vw is None else [vw.bias, vw.rows, vw.feats]
+            if vw is not None and vw.pass_logits is not None and vw.pass_logits is not vw.logits:
+                own.append(vw.pass_logits)
             held = [self.kbuf, self.vbuf, *held[2:], *own]
         out = [x for x in held if x is not None]
         if self.state is not None:
