@@ -196,6 +196,31 @@ def test_native_step_modes(mode, monkeypatch, caplog):
     assert "the torch path runs" in caplog.text and native.status() == "unavailable"
 
 
+def test_a_batch_past_max_batch_takes_the_torch_path(mode):
+    """The op computes each sequence apart: past native.MAX_BATCH sequences the torch path's
+    batched products serve the batch, also after a cache is replicated to it."""
+    mode("always")
+    kc = KernelConfig(4, 2, D, rank=R, hidden=8, dropout=0.0, init_scale=1.0)
+    layers = {}
+    for b in (native.MAX_BATCH, native.MAX_BATCH + 1):
+        cache = EvictingCache(1, LAMBDA, {0: LayerKernels(kc).eval()}, protocol="streaming")
+        layer = layers[b] = cache.layers[0]
+        with torch.no_grad():
+            while not layer.steady:
+                q, k, v = _rows(b, 4, 2, F32)
+                layer.update(k, v)
+                layer.attend(q, k, v, None)
+    assert layers[native.MAX_BATCH].native is not None
+    assert layers[native.MAX_BATCH + 1].native is None
+    layer = layers[native.MAX_BATCH]
+    layer.batch_repeat_interleave(2)  # re-packed at the next row, past MAX_BATCH
+    with torch.no_grad():
+        q, k, v = _rows(2 * native.MAX_BATCH, 4, 2, F32)
+        layer.update(k, v)
+        layer.attend(q, k, v, None)
+    assert layer.steady and layer.native is None and layer.store.views.rows is not None
+
+
 def test_step_breakdown_times_the_path_the_layer_takes(mode):
     """The bench's phases: the torch path's features, update and read, or the C++ call."""
     from lessctl.bench.breakdown import step_breakdown

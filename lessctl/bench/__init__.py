@@ -167,6 +167,7 @@ def run(cfg: DictConfig, model, tokenizer, log=print) -> list[dict[str, Any]]:
                     {
                         **base,
                         "batch_size": fit,
+                        "native_step": m.get("eq_native_step", base["native_step"]),
                         "metric": "equal_memory_tokens_per_s",
                         "value": tps,
                         "samples_ms": ms,

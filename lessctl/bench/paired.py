@@ -118,6 +118,8 @@ def interleaved(
         caches[name].batch_repeat_interleave(fit)
         x[name] = x[name].repeat_interleave(fit, 0)
     _rounds(model, caches, x, out, "eq_ms", 2, int(b.steps), False)
+    if "less" in caches:  # a batch past native.MAX_BATCH takes the torch path
+        out["less"]["eq_native_step"] = native_used(caches["less"])
     return out
 
 

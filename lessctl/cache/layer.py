@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
+from lessctl.cache import native
 from lessctl.cache.attend import rows_attention, sdpa_rows
 from lessctl.cache.driver import evict_row, release
-from lessctl.cache.native import less_step_op
 from lessctl.cache.step import steady_step
 from lessctl.cache.store import KeptStore
 from lessctl.errors import LessctlError
@@ -269,6 +269,7 @@ class EvictingLayer(CacheLayerMixin):
             return
         folds = window is not None and window > n and s.state is not None
         linear = self.frozen is not None and self.frozen.linear
-        self.native = less_step_op() if linear and s.keys.device.type == "cpu" else None
+        small = s.keys.device.type == "cpu" and s.keys.shape[0] <= native.MAX_BATCH
+        self.native = native.less_step_op() if linear and small else None
         s.pack(window - n if folds else None, group, linear, feature_rows=self.native is None)
         self.steady = True
