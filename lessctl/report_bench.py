@@ -176,7 +176,8 @@ def bench_sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
         t["cache MiB"] = pre["cache_bytes"] / MiB
         out += ["Prefill only (chunked protocol):", "", _md(t), ""]
     out += _throughput_section(d)
-    phases = [m for m in d["metric"] if m.startswith("step_") and m.endswith("_us")]
+    metrics = pd.concat([d[d["method"] == "less"], d])["metric"]  # LESS's rows have every phase
+    phases = [m for m in metrics if m.startswith("step_") and m.endswith("_us")]
     cols = [c for c in dict.fromkeys(phases) if c in w]  # in the bench's order
     if cols:
         st = w[w["step_total_us"].notna()]
