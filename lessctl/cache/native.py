@@ -13,7 +13,8 @@ take the torch path, whose batched products then cost less.
 Config ``native_step`` (:func:`configure`): ``auto`` (default) uses it for learned kernels on CPU
 where it builds and falls back to the torch path with one warning where it does not; ``always``
 requires it (a failed build is an error); ``never`` never uses it. Elsewhere (CUDA, Performer
-kernels, a traced step) the torch path runs.
+kernels, a traced step) the torch path runs. The mode is read when a cache layer fills (packs):
+a layer already in the steady state keeps the path it took until it packs again.
 """
 
 from __future__ import annotations
