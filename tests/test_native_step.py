@@ -15,6 +15,7 @@ from lessctl.cache import EvictingCache, native, step
 from lessctl.errors import LessctlError
 from lessctl.less.kernels import KernelConfig, LayerKernels
 from lessctl.policies import get_policy
+from tests.numerics import EPS32, assert_features_within, fold_with_bound, mlp_with_bound
 
 F32 = torch.float32
 LAMBDA = get_policy("lambda", sink=2, recent=6)
@@ -151,7 +152,8 @@ def test_where_the_native_step_does_not_run(mode):
 
 def test_the_native_gelu_is_torchs_to_rounding(mode):
     """GELU's erf in the op is a rational approximation: through a whole step, with weights
-    that put the hidden units across GELU's range, phi and psi stay within 1e-5."""
+    that put the hidden units across GELU's range, psi (in z) and phi z (in the logits) stay
+    within the forward-error bound of an fp32 evaluation (tests/numerics.py)."""
     mode("always")
     op = native.less_step_op()
     torch.manual_seed(3)
@@ -163,16 +165,16 @@ def test_the_native_gelu_is_torchs_to_rounding(mode):
     H, z = torch.zeros(b, hkv, R, D), torch.full((b, hkv, R), 1e-3)
     vvals, logits = torch.zeros(b, hkv, R, D), torch.zeros(b, hkv, h // hkv, R)
     op(q, keys, values, slot, None, w1, w2, m, H, z, vvals, logits, True)
-    gelu = torch.nn.functional.gelu
-    k_ev = keys.gather(2, slot[..., None].expand(b, hkv, 1, D))[:, :, 0]  # [b,hkv,D]
-    hk = gelu(torch.einsum("bcd,cdh->bch", k_ev, w1[h:]))
-    psi = torch.einsum("bcr,crs->bcs", gelu(torch.einsum("bch,chr->bcr", hk, w2[h:])), m).abs()
-    torch.testing.assert_close(z, 1e-3 + psi, atol=1e-5, rtol=1e-5)
-    phi = gelu(
-        torch.einsum("bjh,jhr->bjr", gelu(torch.einsum("bjd,jdh->bjh", q[:, :, 0], w1[:h])), w2[:h])
-    )
-    want = phi.abs().view(b, hkv, h // hkv, R) * z[:, :, None]
-    torch.testing.assert_close(logits.exp(), want, atol=1e-5, rtol=1e-5)
+    k_ev = keys.gather(2, slot[..., None].expand(b, hkv, 1, D))  # [b,hkv,1,D]
+    y, dy = mlp_with_bound(k_ev, w1[h:], w2[h:])
+    psi, dpsi = fold_with_bound(y, dy, m, m.abs())
+    psi, dpsi = psi[:, :, 0], dpsi[:, :, 0]  # [b,hkv,R]
+    want_z = 1e-3 + psi
+    assert ((z.double() - want_z).abs() <= dpsi + 2 * EPS32 * want_z).all()
+    phi, dphi = mlp_with_bound(q, w1[:h], w2[:h])  # [b,h,1,R]
+    phi, dphi = phi.abs().view(b, hkv, h // hkv, R), dphi.view(b, hkv, h // hkv, R)
+    zz, dz = want_z[:, :, None], (dpsi + 2 * EPS32 * want_z)[:, :, None]
+    assert_features_within(logits, phi * zz, dphi * zz + phi * dz)
 
 
 def test_native_step_modes(mode, monkeypatch, caplog):

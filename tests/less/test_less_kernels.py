@@ -10,6 +10,7 @@ import torch
 from lessctl.less import KernelConfig, LayerKernels, parallel_attention
 from lessctl.less.frozen import FrozenKernels
 from lessctl.policies import H2O
+from tests.numerics import assert_features_within, learned_features_with_bound
 
 
 def test_learned_shapes_init_and_positivity():
@@ -103,7 +104,12 @@ def test_untrained_learned_kernels_are_almost_the_sparse_policy():
 @pytest.mark.parametrize("kind", ["learned", "performer"])
 def test_frozen_kernels_equal_the_trained_maps(kind, batch):
     """Decode-time phi/psi (constant factors folded, phi's and psi's MLPs in one product) equal
-    the module's own maps in eval mode: a wrong fold of |s1|, W_int, s2 or a swapped head fails."""
+    the module's own maps in eval mode: a wrong fold of |s1|, W_int, s2 or a swapped head fails.
+
+    Learned features are compared, on both sides, with the fp64 features within the forward-error
+    bound of an fp32 evaluation (:func:`learned_features_with_bound`): a feature whose sum cancels
+    to ~1e-8 has a large relative error on any CPU, so its log is not comparable at a fixed
+    tolerance (an AMD EPYC's oneDNN differed there by 0.054 in log phi)."""
     torch.manual_seed(0)
     cfg = KernelConfig(num_heads=6, num_kv_heads=2, head_dim=16, rank=4, hidden=8, kind=kind)
     mod = LayerKernels(cfg).eval()
@@ -114,11 +120,19 @@ def test_frozen_kernels_equal_the_trained_maps(kind, batch):
     frozen = FrozenKernels(mod)
     q, k = torch.randn(batch, 6, 1, 16), torch.randn(batch, 2, 1, 16)
     with torch.no_grad():
-        if frozen.linear:  # one decode step's rows, heads first: [H+Hkv,B,R]
-            rows = torch.cat([q, k], 1)[:, :, 0].transpose(0, 1)
-            out = torch.full((8, batch, 4), float("nan"))
-            assert frozen.rows_into(rows, out) is out
-            want = torch.cat([mod.phi(q), mod.psi(k)], 1)[:, :, 0].transpose(0, 1)
-            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(frozen.log_phi(q), mod.log_phi(q), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(frozen.log_psi(k), mod.log_psi(k), rtol=1e-4, atol=1e-4)
+        if kind == "performer":  # frozen delegates to the module's own log features
+            torch.testing.assert_close(frozen.log_phi(q), mod.log_phi(q), rtol=0, atol=0)
+            torch.testing.assert_close(frozen.log_psi(k), mod.log_psi(k), rtol=0, atol=0)
+            return
+        phi, dphi = learned_features_with_bound(mod.net, q, query=True)
+        psi, dpsi = learned_features_with_bound(mod.net, k, query=False)
+        # one decode step's rows, heads first: [H+Hkv,B,R]
+        rows = torch.cat([q, k], 1)[:, :, 0].transpose(0, 1)
+        out = torch.full((8, batch, 4), float("nan"))
+        assert frozen.rows_into(rows, out) is out
+        both = torch.cat([phi, psi], 1)[:, :, 0].transpose(0, 1)
+        bound = torch.cat([dphi, dpsi], 1)[:, :, 0].transpose(0, 1)
+        assert_features_within(out.log(), both, bound)
+        for side in (frozen, mod):
+            assert_features_within(side.log_phi(q), phi, dphi)
+            assert_features_within(side.log_psi(k), psi, dpsi)
