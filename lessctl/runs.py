@@ -122,15 +122,38 @@ def start_run(cfg: DictConfig, command: str, overrides: list[str], device: str =
         run_name=cfg.get("run_name"),
         start=_now(),
         host=platform.node(),
+        pid=os.getpid(),
         threads=torch.get_num_threads(),
         status="running",
     )
     return run
 
 
+def process_gone(meta: dict[str, Any]) -> bool:
+    """Whether the process that wrote a `running` meta has ended without closing it (kill -9,
+    a lost node): only decidable on the host that ran it, from its recorded pid."""
+    if meta.get("status") != "running" or meta.get("host") != platform.node():
+        return False
+    pid = meta.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 def load_run(path: str | Path) -> Run:
+    """The run folder at `path`; a `running` run whose process is gone (:func:`process_gone`)
+    is marked `interrupted` here, the first time it is seen after the kill."""
     path = Path(path)
-    return Run(path, json.loads((path / "meta.json").read_text()))
+    run = Run(path, json.loads((path / "meta.json").read_text()))
+    if process_gone(run.meta):
+        run.update_meta(status="interrupted", interrupted="its process ended without closing it")
+    return run
 
 
 def list_runs(results_dir: str | Path, command: str | None = None) -> list[Run]:

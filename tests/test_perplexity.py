@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -167,3 +168,61 @@ def test_words_are_counted_once_over_the_evaluated_text(tiny_model):
         shares = words_per_window(tok, w)
         assert sum(shares) == count_words(tok, w)
         assert sum(shares) < sum(count_words(tok, x[None]) for x in w)  # words were cut
+
+
+def test_an_interrupted_perplexity_run_keeps_its_finished_methods_and_resumes(
+    tmp_path, monkeypatch
+):
+    """Each method's windows are saved as it finishes: a run stopped during the second method
+    keeps the first, a rerun with eval.reuse_predictions reads it back (rows equal an
+    uninterrupted run's, reused_from set) and computes only the rest; another policy budget or
+    another text is computed anew (its digest differs)."""
+    from typer.testing import CliRunner
+
+    from lessctl.cli import app
+    from lessctl.runs import list_runs
+    from lessctl.tasks import perplexity
+
+    from .test_extract import TEXT
+
+    monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "t.txt").write_text(TEXT)
+    args = ["eval", "experiment=smoke", f"data.path={tmp_path / 't.txt'}"]
+    args += ["eval.methods=[full,baseline]"]
+    real, calls = perplexity.method_window_nll, []
+
+    def stops_at_the_second(model, windows, method, batch_size=1):
+        calls.append(method.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, windows, method, batch_size)
+
+    monkeypatch.setattr(perplexity, "method_window_nll", stops_at_the_second)
+    run = lambda *extra: CliRunner().invoke(app, [*args, *extra])  # noqa: E731
+    assert run().exit_code != 0
+    [stopped] = list_runs("results", "eval")
+    assert stopped.meta["status"] == "interrupted" and not stopped.rows()
+    [saved] = (stopped.path / "predictions").glob("perplexity-*.jsonl")
+    assert [json.loads(x)["method"] for x in saved.read_text().splitlines()] == ["full"]
+    calls.clear()
+    counted = lambda *a, **k: calls.append(a[2].name) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(perplexity, "method_window_nll", counted)
+    assert run(f"eval.reuse_predictions=[{stopped.path}]").exit_code == 0
+    assert calls == ["baseline"]
+    calls.clear()
+    assert run().exit_code == 0  # from scratch
+    assert calls == ["full", "baseline"]
+    resumed, scratch = sorted(
+        (r for r in list_runs("results", "eval") if r.path != stopped.path), key=lambda r: r.path
+    )
+    key = lambda r: (r["method"], r["metric"], r["value"], tuple(r["window_nll"]))  # noqa: E731
+    assert sorted(map(key, resumed.rows())) == sorted(map(key, scratch.rows()))
+    by = {r["method"]: r["reused_from"] for r in resumed.rows()}
+    assert by == {"full": str(stopped.path), "baseline": None}
+    calls.clear()  # another budget: baseline's digest differs, full's does not
+    assert run(f"eval.reuse_predictions=[{stopped.path}]", "policy.budget.size=6").exit_code == 0
+    assert calls == ["baseline"]
+    calls.clear()  # another text: nothing is reused
+    (tmp_path / "t.txt").write_text(TEXT[::-1])
+    assert run(f"eval.reuse_predictions=[{stopped.path}]").exit_code == 0
+    assert calls == ["full", "baseline"]

@@ -62,3 +62,30 @@ def test_a_stage_ended_by_sigterm_says_interrupted_and_an_error_failed(compose, 
     got = sorted(r.meta["status"] for r in list_runs(tmp_path / "res", "eval"))
     assert got == ["failed", "interrupted"]
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_run_whose_process_died_is_marked_interrupted_when_next_seen(compose, tmp_path):
+    """kill -9 leaves meta.json `running`: the next look at the folder on the same host finds
+    its recorded pid gone and marks it `interrupted`; a live process's run stays `running`, and
+    so does one from another host (its pid says nothing here)."""
+    import platform
+    import subprocess
+    import sys
+
+    from lessctl.atomic import write_json_atomic
+
+    cfg = compose("model=tiny-random", f"results_dir={tmp_path}/res")
+    dead, alive, elsewhere = (start_run(cfg, "eval", []) for _ in range(3))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_json_atomic(dead.path / "meta.json", {**dead.meta, "pid": gone.pid})
+        write_json_atomic(alive.path / "meta.json", {**alive.meta, "pid": sleeper.pid})
+        other = {**elsewhere.meta, "pid": gone.pid, "host": platform.node() + "-other"}
+        write_json_atomic(elsewhere.path / "meta.json", other)
+        status = {r.path: r.meta["status"] for r in list_runs(tmp_path / "res", "eval")}
+    finally:
+        sleeper.kill()
+    assert status == {dead.path: "interrupted", alive.path: "running", elsewhere.path: "running"}
+    assert json.loads((dead.path / "meta.json").read_text())["status"] == "interrupted"

@@ -27,7 +27,6 @@ interval (for 0/1 scores) or a normal interval.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -44,6 +43,7 @@ from lessctl.decoding import generate
 from lessctl.errors import LessctlError
 from lessctl.methods import Method
 from lessctl.shards import config_hash
+from lessctl.tasks.reuse import PARTIAL, method_digest, records
 
 QUESTION_POSITIONS = ("after", "before", "end")
 
@@ -210,33 +210,6 @@ def _cell(s: Sample) -> tuple:
     return (s.length, s.depth, tuple(sorted(s.group.items())))
 
 
-PARTIAL = ".partial"  # suffix of a method's predictions file while its batches are written
-
-
-def _fingerprint(params) -> list[list[float]]:
-    """A cheap identity of weights: per tensor its sum and sum of squares (fp64)."""
-    with torch.no_grad():
-        return [[float(p.double().sum()), float(p.double().square().sum())] for p in params]
-
-
-def method_digest(model, method: Method) -> str:
-    """What a method's predictions depend on beside the sample: the model (config, dtype,
-    device, weights), the method's name, its policy with its budget, and its kernels' weights
-    (LESS, Performer). Not where anything was loaded from, and not the code revision."""
-    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
-    kernels = method.kernels or {}
-    key = {
-        "model": config,
-        "dtype": str(model.dtype),
-        "device": model.device.type,
-        "weights": _fingerprint(model.parameters()),
-        "method": method.name,
-        "policy": repr(method.policy),
-        "kernels": _fingerprint(p for i in sorted(kernels) for p in kernels[i].parameters()),
-    }
-    return config_hash(key, 20)
-
-
 def input_digest(method_key: str, prompt: list[int], suffix: list[int], max_new_tokens: int) -> str:
     """One sample's input to a method (:func:`method_digest`): its exact tokens and answer
     length."""
@@ -253,22 +226,13 @@ def reused(dirs: list[str], file_name: str, digests: list[str]) -> tuple[dict[in
         want[dg].append(i)
     got: dict[int, str] = {}
     used: list[str] = []
-    for d in dirs:
-        for path in (
-            Path(d) / "predictions" / file_name,
-            Path(d) / "predictions" / (file_name + PARTIAL),
-        ):
-            if not path.exists():
-                continue
-            with open(path, encoding="utf-8") as f:
-                recs = [json.loads(line) for line in f if line.strip()]
-            took = False
-            for r in recs:
-                for i in want.get(r.get("input"), []):  # samples with the same input share it
-                    got.setdefault(i, r["prediction"])
-                    took = True
-            if took and str(Path(d)) not in used:
-                used.append(str(Path(d)))
+    for d, r in records(dirs, file_name):
+        took = False
+        for i in want.get(r.get("input"), []):  # samples with the same input share it
+            got.setdefault(i, r["prediction"])
+            took = True
+        if took and d not in used:
+            used.append(d)
     return got, used
 
 

@@ -9,13 +9,21 @@ perplexity = exp(Σ NLL / words), words counted by whitespace over the evaluated
 Rows keep the per-window values for the report's bootstrap intervals (lessctl.stats):
 `window_nll` (Σ NLL of each window) and `window_count` (its predicted tokens for `ppl_token`,
 its words for `ppl_word`); the windows are the same, in the same order, for every method.
+
+Each method's per-window values are appended to `predictions/<task>-<dataset>.jsonl` as soon as
+the method finishes (with its input digest: lessctl.tasks.reuse), so a run stopped part-way
+keeps the methods it finished, and a rerun with `eval.reuse_predictions=[<that run folder>]`
+reads them back and computes only the rest (rows say `reused_from`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +34,9 @@ from lessctl.data import load_texts, token_windows
 from lessctl.errors import LessctlError
 from lessctl.hooks import use_attention
 from lessctl.methods import Method, ParallelAttention
+from lessctl.shards import config_hash
 from lessctl.tasks.base import register
+from lessctl.tasks.reuse import method_digest, records
 
 
 def window_nll(model, windows: torch.Tensor, batch_size: int = 1) -> tuple[list[float], list[int]]:
@@ -105,15 +115,18 @@ def run(
     methods: list[Method],
     log=print,
     *,
-    nll: Callable[..., tuple[list[float], list[int]]] = method_window_nll,
+    nll: Callable[..., tuple[list[float], list[int]]] | None = None,
     task: str = "perplexity",
+    run_dir: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Perplexity rows: per method `ppl_token` and `ppl_word` (with tokens and words).
 
     `nll(model, windows, method, batch_size) -> (Σ NLL per window, tokens per window)`: the
     parallel form by default, `eval.batch_size` windows per forward; lessctl.tasks.streaming passes
-    its token-by-token cache version (task `perplexity_streaming`).
+    its token-by-token cache version (task `perplexity_streaming`). With ``run_dir``, each
+    method's windows are saved as it finishes and earlier ones reused (module doc).
     """
+    nll = nll or method_window_nll
     e = cfg.eval
     window = int(e.window or model.config.max_position_embeddings)
     corpus = load_texts(cfg.data)
@@ -127,10 +140,20 @@ def run(
     words = sum(window_words)
     if words == 0:
         raise LessctlError(f"data={cfg.data.name}: the evaluated windows decode to no words")
+    file_name = f"{task}-{cfg.data.name}.jsonl"
+    reuse_dirs = [str(d) for d in cfg.eval.get("reuse_predictions") or []]
+    text_digest = config_hash(windows.tolist(), 20)
     rows = []
     for m in methods:
         t0 = time.perf_counter()
-        window_nll, window_tokens = nll(model, windows, m, batch_size)
+        digest = config_hash([task, method_digest(model, m), text_digest], 20)
+        back = next((dr for dr in records(reuse_dirs, file_name) if dr[1]["input"] == digest), None)
+        if back is not None:
+            window_nll, window_tokens = back[1]["window_nll"], back[1]["window_count"]
+        else:
+            window_nll, window_tokens = nll(model, windows, m, batch_size)
+            if run_dir is not None:
+                save_method(Path(run_dir), file_name, m.name, digest, window_nll, window_tokens)
         total, n = sum(window_nll), sum(window_tokens)
         base = {
             "task": task,
@@ -145,6 +168,7 @@ def run(
             "tokens": n,
             "words": words,
             "windows": len(windows),
+            "reused_from": back[0] if back is not None else None,
         }
         ppl_t, ppl_w = math.exp(total / n), math.exp(total / words)
         rows += [
@@ -165,9 +189,30 @@ def run(
         ]
         log(
             f"{cfg.data.name:10s} {m.name:14s} budget={m.policy.budget}  {task}  ppl(token) "
-            f"{ppl_t:8.3f}  ppl(word) {ppl_w:8.3f}  ({time.perf_counter() - t0:.0f}s)"
+            f"{ppl_t:8.3f}  ppl(word) {ppl_w:8.3f}  "
+            + (f"(reused from {back[0]})" if back else f"({time.perf_counter() - t0:.0f}s)")
         )
     return rows
+
+
+def save_method(
+    run_dir: Path,
+    file_name: str,
+    method: str,
+    digest: str,
+    window_nll: list[float],
+    window_count: list[int],
+) -> None:
+    """Append one finished method's per-window values to ``run_dir/predictions/<file_name>``
+    (one JSON line, flushed and synced: a kill keeps every method finished before it)."""
+    out = run_dir / "predictions"
+    out.mkdir(parents=True, exist_ok=True)
+    rec = {"method": method, "input": digest, "window_nll": window_nll}
+    rec["window_count"] = window_count
+    with open(out / file_name, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def window_tokens(cfg: DictConfig, max_pos: int) -> int:
@@ -180,4 +225,4 @@ def window_tokens(cfg: DictConfig, max_pos: int) -> int:
 
 @register("perplexity", context_tokens=window_tokens)
 def task(cfg: DictConfig, model, tokenizer, methods: list[Method], run_dir, log=print):
-    return run(cfg, model, tokenizer, methods, log=log)
+    return run(cfg, model, tokenizer, methods, log=log, run_dir=run_dir)

@@ -38,15 +38,22 @@ def stream_nll(
 
 
 def run(
-    cfg: DictConfig, model, tokenizer, methods: list[Method], log=print
+    cfg: DictConfig, model, tokenizer, methods: list[Method], log=print, run_dir=None
 ) -> list[dict[str, Any]]:
     """Streaming perplexity rows (task `perplexity_streaming`), same columns as
     :func:`lessctl.tasks.perplexity.run`."""
     return perplexity_run(
-        cfg, model, tokenizer, methods, log, nll=stream_nll, task="perplexity_streaming"
+        cfg,
+        model,
+        tokenizer,
+        methods,
+        log,
+        nll=stream_nll,
+        task="perplexity_streaming",
+        run_dir=run_dir,
     )
 
 
 @register("perplexity_streaming", context_tokens=window_tokens)
 def task(cfg: DictConfig, model, tokenizer, methods: list[Method], run_dir, log=print):
-    return run(cfg, model, tokenizer, methods, log=log)
+    return run(cfg, model, tokenizer, methods, log=log, run_dir=run_dir)
