@@ -3,7 +3,9 @@
 The model runs unmodified; a registered attention function (lessctl.hooks) sees q and k after
 RoPE and k, v per KV head, copies them out and then calls transformers' SDPA. Each batch of
 `extract.batch_size` sequences is one chunk: its shards are written (atomically) as soon as
-the forward pass ends, so memory is bounded by one batch. Re-running skips finished chunks.
+the forward pass ends, so memory is bounded by one batch. Re-running skips finished chunks
+after checking them (every shard present at its recorded size; its sha256 too with
+`extract.verify=true`): a chunk that fails is extracted again.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lessctl.hooks import attention_layers, check_supported, sdpa, use_attention
 from lessctl.less.attention import parallel_attention
 from lessctl.models import attention_geometry, load_model
 from lessctl.policies.base import expire, never_evicted
-from lessctl.shards import ShardStore, config_hash, save_atomic
+from lessctl.shards import ShardStore, config_hash
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -84,6 +86,21 @@ def bytes_needed(n_seq: int, seq_len: int, geo: dict[str, int], dtype: torch.dty
     return n_seq * seq_len * per_token * torch.finfo(dtype).bits // 8
 
 
+def checked_chunks(store: ShardStore, done: set[int], layers: int, hashes: bool, log) -> set[int]:
+    """The finished chunks of ``done`` that pass :meth:`ShardStore.check_chunk`; a failing one's
+    marker is removed (so it counts as not done, and is extracted again) with one line saying
+    why."""
+    good = set()
+    for c in sorted(done):
+        problem = store.check_chunk(c, layers, hashes)
+        if problem is None:
+            good.add(c)
+            continue
+        log(f"chunk {c}: {problem}; extracting it again")
+        store.marker(c).unlink()
+    return good
+
+
 def run(cfg: DictConfig, log=print) -> dict[str, Any]:
     """Extract activations for `cfg`; returns the manifest (resumes finished chunks)."""
     e = cfg.extract
@@ -116,6 +133,7 @@ def run(cfg: DictConfig, log=print) -> dict[str, Any]:
                     f"cannot resume {store.root}: its {key} was {old.get(key)!r}, now {value!r}; "
                     f"delete the folder or set extract.dir elsewhere"
                 )
+        done = checked_chunks(store, done, geo["num_layers"], bool(e.get("verify", False)), log)
     todo = [c for c in range(len(chunks)) if c not in done]
     need = bytes_needed(sum(len(chunks[c]) for c in todo), windows.shape[1], geo, store_dtype)
     store.root.mkdir(parents=True, exist_ok=True)
@@ -145,12 +163,12 @@ def run(cfg: DictConfig, log=print) -> dict[str, Any]:
         "scaling": layer_scaling(attention_layers(model)[0]),
         "layers": views,  # per layer: the scaling, sliding window and softcap it attends with
     }
-    store.write_manifest(manifest)
     o_proj = {}
     for m in attention_layers(model):
         for name, p in output_projection(m).named_parameters():
             o_proj[f"layer_{m.layer_idx}.{name}"] = p.detach().to("cpu", torch.float32)
-    save_atomic(o_proj, store.root / "o_proj.safetensors")
+    manifest["o_proj_sha256"] = store.write_o_proj(o_proj)
+    store.write_manifest(manifest)
 
     capture = Capture(store_dtype)
     cols = [

@@ -91,6 +91,7 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("extract.seq_len", int_at_least(2)),
         ("extract.batch_size", int_at_least(1)),
         ("extract.dtype", STORAGE_DTYPES),
+        ("extract.verify", BOOL),
         ("train.epochs", int_at_least(1)),
         ("train.batch_size", int_at_least(1)),
         ("train.lr", number(0.0)),
