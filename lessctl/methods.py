@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from safetensors import SafetensorError
 
 from lessctl.errors import LessctlError
 from lessctl.hooks import refuse_unknown_kwargs
@@ -30,6 +32,9 @@ from lessctl.less.attention import parallel_attention
 from lessctl.less.kernels import KernelConfig, LayerKernels
 from lessctl.policies.base import Policy, layer_evict_at
 from lessctl.policies.budget import baseline_plus, build_policy, state_tokens
+from lessctl.shards import file_sha256
+
+log = logging.getLogger(__name__)
 
 METHODS = ("full", "baseline", "baseline_plus", "less", "performer")
 
@@ -153,8 +158,45 @@ def _is_transfer(diffs: list[str]) -> bool:
     return bool(diffs) and all(d.startswith("budget") for d in diffs)
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A checkpoint folder's manifest.json; missing, unreadable or not a JSON object: one line
+    naming it."""
+    man_path = path / "manifest.json"
+    if not man_path.exists():
+        raise LessctlError(f"{path} is not a LESS checkpoint (no manifest.json)")
+    try:
+        man = json.loads(man_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LessctlError(f"cannot read LESS checkpoint manifest {man_path}: {err}") from None
+    if not isinstance(man, dict):
+        raise LessctlError(f"LESS checkpoint manifest {man_path} is not a JSON object")
+    return man
+
+
+def layer_problem(path: Path, layer: int) -> str | None:
+    """Why layer ``layer`` of checkpoint ``path`` holds no trained kernels to evaluate, or None:
+    its kernels file and its metrics (``layer_<i>.json``, written when training ends) exist, the
+    metrics say ``finished`` (not stopped by a non-finite loss), and the file's sha256 equals the
+    one recorded there."""
+    kern, meta = path / f"layer_{layer:03d}.safetensors", path / f"layer_{layer:03d}.json"
+    if not kern.exists():
+        return f"lacks layer {layer} ({kern.name})"
+    if not meta.exists():
+        return f"layer {layer} did not finish training ({meta.name} missing)"
+    try:
+        rec = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"layer {layer}'s metrics {meta.name} cannot be read"
+    if not isinstance(rec, dict) or rec.get("status") != "finished":
+        status = rec.get("status") if isinstance(rec, dict) else None
+        return f"layer {layer} was not trained to the end ({status or 'no status'})"
+    if rec.get("sha256") is not None and file_sha256(kern) != rec["sha256"]:
+        return f"layer {layer}'s {kern.name} is not the file trained (its sha256 differs)"
+    return None
+
+
 def _complete(path: Path, num_layers: int) -> bool:
-    return all((path / f"layer_{i:03d}.safetensors").exists() for i in range(num_layers))
+    return all(layer_problem(path, i) is None for i in range(num_layers))
 
 
 def find_checkpoint(cfg: DictConfig, num_layers: int, policy: Policy) -> Path:
@@ -165,9 +207,13 @@ def find_checkpoint(cfg: DictConfig, num_layers: int, policy: Policy) -> Path:
     if cfg.less.get("ckpt"):
         return Path(cfg.less.ckpt).expanduser()
     exact, transferable = [], []
-    for man_path in Path(cfg.train.dir).expanduser().glob("*/manifest.json"):
-        man = json.loads(man_path.read_text())
+    for man_path in sorted(Path(cfg.train.dir).expanduser().glob("*/manifest.json")):
         path = man_path.parent
+        try:
+            man = read_manifest(path)
+        except LessctlError as err:  # one bad candidate never breaks the search
+            log.warning("skipping %s", err)
+            continue
         if not _complete(path, num_layers):
             continue
         diffs = checkpoint_differences(man, cfg, policy)
@@ -218,17 +264,25 @@ def load_less(cfg: DictConfig, geo: dict[str, int], device, policy: Policy) -> C
     path = find_checkpoint(cfg, geo["num_layers"], policy)
     if not (path / "manifest.json").exists():
         raise LessctlError(f"less.ckpt={str(path)!r} is not a LESS checkpoint (no manifest.json)")
-    man = json.loads((path / "manifest.json").read_text())
+    man = read_manifest(path)
     diffs = checkpoint_differences(man, cfg, policy)
     if diffs and not (_is_transfer(diffs) and cfg.less.get("transfer")):
         hint = "; pass less.transfer=true to evaluate it anyway" if _is_transfer(diffs) else ""
         raise LessctlError(f"LESS checkpoint {path} was trained for {diffs[0]}{hint}")
     kernels = {}
     for i in range(geo["num_layers"]):
+        problem = layer_problem(path, i)
+        if problem is not None:
+            raise LessctlError(
+                f"LESS checkpoint {path} {problem}: run `lessctl train` with the same overrides "
+                f"to train it, or pass another less.ckpt"
+            )
         p = path / f"layer_{i:03d}.safetensors"
-        if not p.exists():
-            raise LessctlError(f"LESS checkpoint {path} lacks layer {i} ({p.name})")
-        kernels[i] = LayerKernels.load(p, device).eval()
+        try:
+            kernels[i] = LayerKernels.load(p, device).eval()
+        except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LessctlError(f"cannot load LESS kernels {p}: {first}") from None
     return Checkpoint(kernels, str(path), man.get("budget"), bool(diffs))
 
 

@@ -115,3 +115,60 @@ def test_checkpoint_missing_layer_is_refused(trained, compose, tiny_model):
     with pytest.raises(LessctlError, match="lacks layer 1"):
         load_less(cfg, geo, "cpu", _policy(cfg))
     assert json.loads((out / "manifest.json").read_text())["policy"] == "lambda"
+
+
+def test_one_unreadable_candidate_is_skipped_with_a_warning(trained, compose, tiny_model, caplog):
+    """A truncated manifest.json anywhere under train.dir costs one warning naming it; the
+    search still finds the good checkpoint beside it."""
+    ov, out = trained
+    bad = out.parent / "0000broken"
+    bad.mkdir()
+    (bad / "manifest.json").write_text('{"format": 2, "mod')
+    geo = attention_geometry(tiny_model[0])
+    with caplog.at_level("WARNING"):
+        [m] = build_methods(compose(*ov, "eval.methods=[less]"), geo, 64, "cpu", torch.float32)
+    assert m.checkpoint == str(out)
+    assert [r.getMessage() for r in caplog.records if str(bad) in r.getMessage()] != []
+    (bad / "manifest.json").write_text("")  # given explicitly: refused in one line
+    cfg = compose(*ov, f"less.ckpt={bad}")
+    with pytest.raises(LessctlError, match="cannot read LESS checkpoint manifest"):
+        load_less(cfg, geo, "cpu", _policy(cfg))
+
+
+def test_a_layer_stopped_by_a_non_finite_loss_is_no_trained_kernel(trained, compose, tiny_model):
+    """Its metrics say stopped: the search passes the checkpoint by, and given as less.ckpt it
+    is refused naming the layer (eval never runs untrained kernels without a word)."""
+    ov, out = trained
+    meta = out / "layer_000.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "status": "stopped: non-finite"}))
+    geo = attention_geometry(tiny_model[0])
+    cfg = compose(*ov, "eval.methods=[less]")
+    with pytest.raises(CheckpointNotFound):
+        load_less(cfg, geo, "cpu", _policy(cfg))
+    cfg = compose(*ov, f"less.ckpt={out}")
+    with pytest.raises(LessctlError, match="layer 0 was not trained to the end"):
+        load_less(cfg, geo, "cpu", _policy(cfg))
+    meta.unlink()
+    with pytest.raises(LessctlError, match="layer 0 did not finish training"):
+        load_less(cfg, geo, "cpu", _policy(cfg))
+
+
+def test_an_altered_or_garbled_kernels_file_is_refused_naming_it(trained, compose, tiny_model):
+    from lessctl.shards import file_sha256
+
+    ov, out = trained
+    kern, meta = out / "layer_001.safetensors", out / "layer_001.json"
+    rec = json.loads(meta.read_text())
+    rec.setdefault("sha256", file_sha256(kern))  # as training records it
+    meta.write_text(json.dumps(rec))
+    data = bytearray(kern.read_bytes())
+    data[-3] ^= 0xFF  # same size: only the checksum sees it
+    kern.write_bytes(bytes(data))
+    geo = attention_geometry(tiny_model[0])
+    cfg = compose(*ov, f"less.ckpt={out}")
+    with pytest.raises(LessctlError, match="layer_001.safetensors is not the file trained"):
+        load_less(cfg, geo, "cpu", _policy(cfg))
+    kern.write_bytes(b"garbage")
+    meta.write_text(json.dumps({k: v for k, v in rec.items() if k != "sha256"}))
+    with pytest.raises(LessctlError, match="cannot load LESS kernels .*layer_001.safetensors"):
+        load_less(cfg, geo, "cpu", _policy(cfg))
