@@ -8,6 +8,8 @@ with one line, and `--cfg` prints the resolved config and exits.
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import sys
 import threading
@@ -63,14 +65,42 @@ def compose(overrides: list[str] | None, print_cfg: bool) -> DictConfig | None:
     return cfg
 
 
+FILESYSTEM_HINTS = {
+    errno.ENOSPC: "free space there, or set extract.dir, train.dir, results_dir or cache_dir to "
+    "a disk with room (finished work is kept: rerun to resume)",
+    errno.EDQUOT: "your quota is full: free space, or point the stage's folder elsewhere",
+    errno.EROFS: "that filesystem is read-only: set extract.dir, train.dir, results_dir or "
+    "cache_dir to a writable folder",
+    errno.EACCES: "you may not write there: fix its permissions or point the stage's folder "
+    "elsewhere",
+    errno.EPERM: "you may not write there: fix its permissions or point the stage's folder "
+    "elsewhere",
+}
+
+
+def filesystem_error(err: OSError) -> str | None:
+    """One line for a filesystem error that a user can act on (disk full, read-only, permission):
+    the path and what to do; None for any other OSError (it keeps its traceback)."""
+    hint = FILESYSTEM_HINTS.get(err.errno)
+    if hint is None:
+        return None
+    where = f" {err.filename}" if err.filename else ""
+    return f"cannot write{where}: {err.strerror or os.strerror(err.errno)}; {hint}"
+
+
 def run_stage(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    """Call a stage; the harness's own input errors (LessctlError and its subclasses) become a
-    one-line error with exit code 2. Anything else (a bug, ours or a library's) keeps its
-    traceback."""
+    """Call a stage; the harness's own input errors (LessctlError and its subclasses) and a
+    filesystem's refusals (:func:`filesystem_error`) become a one-line error with exit code 2.
+    Anything else (a bug, ours or a library's) keeps its traceback."""
     try:
         return fn(*args, **kw)
     except LessctlError as err:
         fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    except OSError as err:
+        line = filesystem_error(err)
+        if line is None:
+            raise
+        fail(line)
 
 
 @app.command(context_settings=EXTRA)
@@ -126,7 +156,7 @@ def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> It
         device = run_stage(resolve_device, cfg.device)
         if native.mode() == "always":  # a failed build is an error now, not at a decode step
             run_stage(native.less_step_op)
-        run = start_run(cfg, command, overrides or [], device=str(device))
+        run = run_stage(start_run, cfg, command, overrides or [], device=str(device))
         try:
             yield run
         except KeyboardInterrupt:

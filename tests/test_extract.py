@@ -152,3 +152,36 @@ def test_failed_extract_marks_its_run_failed(smoke, tmp_path):
     assert res.exit_code == 2, res.output
     [meta] = list(__import__("pathlib").Path("results/runs/extract").glob("*/meta.json"))
     assert json.loads(meta.read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        (__import__("errno").ENOSPC, "free space there"),
+        (__import__("errno").EROFS, "read-only: set extract.dir"),
+        (__import__("errno").EACCES, "fix its permissions"),
+    ],
+)
+def test_a_full_or_read_only_disk_is_one_line_naming_the_path(smoke, monkeypatch, code, words):
+    """Disk full mid-extraction, a read-only or forbidden extract.dir: exit 2 and one line with
+    the path and what to do, the chunks written before it kept (the rerun resumes)."""
+    import os
+
+    from lessctl import shards
+
+    overrides, cfg = smoke
+    real, writes = shards.save_atomic_digest, []
+
+    def fails_at_the_sixth(tensors, path, metadata=None):
+        writes.append(path)
+        if len(writes) == 6:  # o_proj, chunks 0 and 1 (2 layers each), then chunk 2
+            raise OSError(code, os.strerror(code), str(path))
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(shards, "save_atomic_digest", fails_at_the_sixth)
+    res = CliRunner().invoke(app, ["extract", *overrides])
+    assert res.exit_code == 2, res.output
+    lines = [x for x in res.output.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and str(writes[-1]) in res.output.replace("\n", "")
+    assert words in res.output.replace("\n", "") and "Traceback" not in res.output
+    assert ShardStore(E.extraction_dir(cfg)).done_chunks() == [0, 1]
