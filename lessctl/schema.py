@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lessctl.errors import LessctlError
+from lessctl.less.kernels import KERNELS
 
 
 class SchemaError(LessctlError):
@@ -126,7 +127,7 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("bench.memory_cap_mb", number(0, lo_open=True)),
         ("bench.max_batch", int_at_least(1)),
         ("bench.breakdown", BOOL),
-        ("less.kind", one_of("learned", "performer")),
+        ("less.kind", (lambda v: v in KERNELS, "a kernel family: " + ", ".join(sorted(KERNELS)))),
         ("less.rank", int_at_least(1)),
         ("less.hidden", int_at_least(1)),
         ("less.dropout", number(0.0, 1.0, hi_open=True)),
@@ -146,6 +147,11 @@ def validate(cfg: DictConfig) -> None:
             value = OmegaConf.to_container(value, resolve=True)
         if not f.check(value):
             raise SchemaError(f"{f.key}={value!r} is invalid; allowed: {f.allowed}")
+    less = cfg.get("less")
+    family = KERNELS.get(less.get("kind")) if less is not None else None
+    problem = getattr(family, "config_problem", None)
+    if problem is not None and (words := problem(less)):  # the family's own less.* rules
+        raise SchemaError(words)
 
 
 _MISSING = object()

@@ -75,7 +75,7 @@ def test_dtype_resolution():
         ("eval.mode=fast", "parallel, streaming"),
         ("train.val_fraction=1.5", "(0.0, 1.0)"),
         ("less.dropout=1.0", "[0.0, 1.0)"),
-        ("less.kind=mystery", "learned, performer"),
+        ("less.kind=mystery", "hedgehog, learned, light, performer"),
         ("less.transfer=maybe", "true or false"),
         ("bench.contexts=[0,64]", "a non-empty list, each an int >= 2"),
         ("device=gpu", "auto, cpu, cuda, cuda:N, mps"),

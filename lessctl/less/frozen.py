@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lessctl.less.kernels import LayerKernels, LearnedKernels
+from lessctl.less.kernels import LayerKernels
 
 _NATIVE_GELU_MAX = 8192  # elements: below, oneDNN's setup costs more than ATen's slower loop
 
@@ -52,26 +52,26 @@ def _heads_back(y: Tensor, bs: tuple[int, int]) -> Tensor:
 
 class FrozenKernels:
     """``log_phi(q)`` [B,H,S,d] -> [B,H,S,R] and ``psi(k)`` / ``log_psi(k)`` [B,Hkv,S,d] ->
-    [B,Hkv,S,R] of ``kernels`` (module doc); ``linear``: psi is safe to use directly (learned
-    kernels); otherwise (Performer) use ``log_psi``."""
+    [B,Hkv,S,R] of ``kernels`` (module doc); ``linear``: the family folds into the fast path
+    (``fold()``: the paper's MLPs), whose psi is used directly; any other family goes through
+    its module's (log) features."""
 
     def __init__(self, kernels: LayerKernels) -> None:
         self.module, self.cfg = kernels, kernels.cfg
-        net = kernels.net
-        self.linear = isinstance(net, LearnedKernels)
+        fold = getattr(kernels.net, "fold", None)  # the paper's MLPs (kernels/learned.py)
+        self.linear = fold is not None
         if self.linear:
-            with torch.no_grad():
-                self.w1q, self.w2q = net.W1q.detach().float(), net.W2q.detach().float()
-                self.w1k, self.w2k = net.W1k.detach().float(), net.W2k.detach().float()
-                eye = torch.eye(self.cfg.rank, device=net.W_int.device)
-                s1, s2 = net.s1.detach().float().abs(), net.s2.detach().float()
-                self.m = s1[:, :, None] * (eye + net.W_int.detach().float() * s2[:, None, :])
-                # phi's and psi's MLPs side by side: one decode step evaluates both at once,
-                # phi's heads through the identity where psi's go through M (one product)
-                self.w1 = torch.cat([self.w1q, self.w1k])
-                self.w2 = torch.cat([self.w2q, self.w2k])
-                h = self.w1q.shape[0]
-                self.m_rows = torch.cat([eye.expand(h, -1, -1), self.m])
+            w = fold()
+            self.w1q, self.w2q, self.w1k, self.w2k, self.m = (
+                w[n] for n in ("w1q", "w2q", "w1k", "w2k", "m")
+            )
+            # phi's and psi's MLPs side by side: one decode step evaluates both at once,
+            # phi's heads through the identity where psi's go through M (one product)
+            self.w1 = torch.cat([self.w1q, self.w1k])
+            self.w2 = torch.cat([self.w2q, self.w2k])
+            h = self.w1q.shape[0]
+            eye = torch.eye(self.cfg.rank, device=self.m.device)
+            self.m_rows = torch.cat([eye.expand(h, -1, -1), self.m])
 
     def _mlp(self, x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
         xh, bs = _heads_first(x)
