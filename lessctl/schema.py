@@ -131,6 +131,8 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("less.dropout", number(0.0, 1.0, hi_open=True)),
         ("less.init_scale", number(0.0)),
         ("less.transfer", BOOL),
+        ("policy.pool_across_window", BOOL),  # snapkv (the rest: build_policy)
+        ("policy.per_head", BOOL),  # tova
     )
 )
 
