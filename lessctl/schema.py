@@ -136,10 +136,18 @@ SCHEMA: tuple[Field, ...] = tuple(
     )
 )
 
+# Keys of one policy only (conf/policy/<name>.yaml), checked when `policy.name` is that policy;
+# its other keys are checked by `build_policy`.
+POLICY_SCHEMA: dict[str, tuple[Field, ...]] = {
+    "snapkv": (Field("policy.pool_across_window", *BOOL),),
+    "tova": (Field("policy.per_head", *BOOL),),
+}
+
 
 def validate(cfg: DictConfig) -> None:
     """Raise SchemaError (one line) for the first value outside the schema."""
-    for f in SCHEMA:
+    name = OmegaConf.select(cfg, "policy.name", default=None)
+    for f in SCHEMA + POLICY_SCHEMA.get(name, ()):
         value = OmegaConf.select(cfg, f.key, default=_MISSING)
         if value is _MISSING:
             continue

@@ -353,28 +353,31 @@ def _layer_inputs(model, ids) -> dict[int, tuple]:
     return got
 
 
-def _tova_reference(q, k, n, w, scale, softcap) -> torch.Tensor:
-    """Independent loop (one batch row): TOVA inside a sliding window -> evict_at [Hkv,S]."""
+def _tova_reference(q, k, n, w, scale, softcap, per_head=False) -> torch.Tensor:
+    """Independent loop (one batch row): TOVA inside a sliding window -> evict_at [Hkv,S]; one
+    set for the layer from every head's probabilities (``per_head``: one set per KV head)."""
     _, h, s, d = q.shape
     hkv = k.shape[1]
+    g = h // hkv
     out = torch.full((hkv, s), s, dtype=torch.long)
-    for head in range(hkv):
+    for sets in [[x] for x in range(hkv)] if per_head else [list(range(hkv))]:
         kept: list[int] = []
         for t in range(s):
             if t - w in kept:  # expires, whatever the policy thinks
                 kept.remove(t - w)
-                out[head, t - w] = t
+                out[sets, t - w] = t
                 kept.append(t)
                 continue
             kept.append(t)
             if len(kept) > n:
-                g = h // hkv
-                qs = q[0, head * g : (head + 1) * g, t].double()  # [g,d]
-                logit = capped(qs @ k[0, head, kept].double().T * scale, softcap)
-                p = logit.softmax(-1).sum(0)[:-1]
+                p = 0.0
+                for head in sets:
+                    qs = q[0, head * g : (head + 1) * g, t].double()  # [g,d]
+                    logit = capped(qs @ k[0, head, kept].double().T * scale, softcap)
+                    p = p + logit.softmax(-1).sum(0)[:-1]
                 j = kept[int(torch.argmin(p))]
                 kept.remove(j)
-                out[head, j] = t
+                out[sets, j] = t
     return out
 
 
@@ -412,6 +415,9 @@ def test_policy_chooses_inside_the_window(family):
         ev = layer_evict_at(get_policy("tova", budget=5), q, k, scaling, window, softcap)
         ref = _tova_reference(q, k, 5, window, scaling, softcap)
         assert torch.equal(ev[0], ref)
+        per_head = get_policy("tova", budget=5, per_head=True)
+        ev_ph = layer_evict_at(per_head, q, k, scaling, window, softcap)
+        assert torch.equal(ev_ph[0], _tova_reference(q, k, 5, window, scaling, softcap, True))
         ev_h2o = layer_evict_at(EVICTING, q, k, scaling, window, softcap)
         assert torch.equal(ev_h2o[0], _h2o_reference(q, k, 3, 3, window, scaling, softcap))
         keep = keep_mask(ev)[0]  # [Hkv,S,S]

@@ -11,10 +11,12 @@ Semantics (every policy, both faces):
 - "Evict, then attend": the decision at row ``t`` is made before row ``t`` attends. It may use
   the current query ``q_t`` (TOVA) and the attention accumulated by rows ``< t`` (H2O), never
   anything after row ``t``.
-- Selection is per KV head. With grouped-query attention (H query heads, Hkv KV heads, group
-  ``g = H // Hkv``; query head ``h`` belongs to KV head ``h // g``) attention probabilities are
-  summed over the query heads of the group. Logits are ``q_t . k_j * scale``, scale defaults to
-  ``1 / sqrt(d)``. Ties go to the lowest score, then to the earliest position.
+- Selection is per KV head (TOVA by default chooses for the whole layer: one choice made from
+  all KV heads' scores, the same on every head). With grouped-query attention (H query heads,
+  Hkv KV heads, group ``g = H // Hkv``; query head ``h`` belongs to KV head ``h // g``)
+  attention probabilities are summed over the query heads of the group. Logits are
+  ``q_t . k_j * scale``, scale defaults to ``1 / sqrt(d)``. Ties go to the lowest score, then
+  to the earliest position.
 
 Two faces that agree exactly:
 

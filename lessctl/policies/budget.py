@@ -12,13 +12,17 @@ Config schema (a mapping)::
     window: 0.5                     # snapkv: window tokens (int) or share of the budget (float)
     kernel: 5                       # snapkv: pooling kernel (odd)
     pooling: avg                    # snapkv: avg or max
+    pool_across_window: false       # snapkv: true = lessctl's earlier variant
+    per_head: false                 # tova: true = one choice per KV head, not per layer
 
 Fractions follow the official LESS code: ``int(size * ref)``; for h2o each part separately,
 ``heavy = int(size * heavy_ratio * ref)``, ``recent = int(size * (1 - heavy_ratio) * ref)``
 (Llama 2 7B "5% H2O" = 102 heavy + 102 recent). Integer sizes split as
 ``heavy = int(size * heavy_ratio)``, ``recent = size - heavy``. ``full`` takes no budget.
-For snapkv the budget splits into ``window`` (an int in [1, total]: tokens; a float in (0, 1):
-``max(1, int(window * total))``) and ``heavy = total - window``.
+For snapkv the budget splits into ``window`` (an int: tokens; a float in (0, 1):
+``max(1, int(window * total))``), the decoded token and ``heavy = total - window - 1``, so
+``window <= total - 1``; with ``pool_across_window`` the window counts the decoded token:
+``heavy = total - window``, ``window <= total``.
 Bad values raise a one-line InputError (a LessctlError and a ValueError) naming the value
 and what is allowed.
 """
@@ -90,22 +94,48 @@ def build_policy(cfg: Mapping[str, Any], *, seq_len: int, max_position_embedding
         return get_policy("random", budget=total, seed=int(cfg.get("seed", 0)))
     if name == "snapkv":
         return _snapkv(cfg, total)
+    if name == "tova":
+        return get_policy("tova", budget=total, per_head=_flag(cfg, "per_head"))
     return get_policy(name, budget=total)
 
 
+def _flag(cfg: Mapping[str, Any], key: str) -> bool:
+    """A boolean policy key (default false)."""
+    v = cfg.get(key, False)
+    if not isinstance(v, bool):
+        raise InputError(f"policy {key}={v!r} is invalid; allowed: true or false")
+    return v
+
+
 def _snapkv(cfg: Mapping[str, Any], total: int) -> Policy:
-    """snapkv: ``window`` tokens of the budget for the window, the rest kept by score."""
+    """snapkv: ``window`` tokens of the budget for the window, one for the decoded token (unless
+    ``pool_across_window``), the rest kept by score."""
+    across = _flag(cfg, "pool_across_window")
+    top = total if across else total - 1  # the most window tokens the budget holds
     w = cfg.get("window", 0.5)
-    ok_int = isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= total
+    ok_int = isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= top
     if not (ok_int or (isinstance(w, float) and 0.0 < w < 1.0)):
+        why = "" if across else " (the decoded token takes one token of the budget)"
         raise InputError(
-            f"policy window={w!r} is invalid; allowed: an int in [1, {total}] (tokens of the "
-            "budget) or a float in (0, 1) (share of the budget)"
+            f"policy window={w!r} is invalid for a budget of {total} tokens; allowed: an int in "
+            f"[1, {top}] (tokens of the budget{why}) or a float in (0, 1) (share of the budget)"
         )
     if isinstance(w, float):
         w = max(1, int(w * total))
+        if w > top:
+            raise InputError(
+                f"policy budget of {total} token(s) leaves no room for snapkv's window beside "
+                "the decoded token; allowed: a budget of >= 2 tokens, or pool_across_window=true"
+            )
     kernel, pooling = cfg.get("kernel", 5), cfg.get("pooling", "avg")
-    return get_policy("snapkv", heavy=total - w, window=w, kernel=kernel, pooling=pooling)
+    return get_policy(
+        "snapkv",
+        heavy=top - w,
+        window=w,
+        kernel=kernel,
+        pooling=pooling,
+        pool_across_window=across,
+    )
 
 
 STATE_BYTES = 4  # the LESS state (lessctl.less.state) is always float32

@@ -9,6 +9,9 @@ window) the lowest score is evicted (ties: earliest position) and its score is g
 
 Parallel face: :func:`~lessctl.policies.base.sequential_evict_at` (budget-sized buffer per
 (b, h_kv), O(S * n * d), no S x S mask).
+
+The score is H2O's accumulated attention, a sum over rows; kvpress's ``ObservedAttentionPress``
+(its H2O-like press) divides each key's sum by the number of rows that saw it.
 """
 
 from __future__ import annotations

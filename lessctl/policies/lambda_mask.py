@@ -3,6 +3,11 @@ last ``recent`` tokens (the current one included); ``budget = sink + recent``.
 
 Closed form: ``evict_at[j] = S`` for ``j < sink``, else ``min(j + recent, S)``: at row ``t >= n``
 the key ``t - recent`` leaves the window.
+
+Against StreamingLLM's code (and kvpress's ``StreamingLLMPress``): the budget counts the decoded
+token (row ``t`` attends over ``n`` keys; StreamingLLM's over its ``sink + recent`` cached ones
+plus the new one), so ``lambda`` is StreamingLLM with one recent token less; and every key keeps
+its own position (StreamingLLM re-positions the keys inside its cache).
 """
 
 from __future__ import annotations

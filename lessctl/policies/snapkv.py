@@ -1,27 +1,42 @@
-"""``snapkv`` (Li et al., 2024): at the first eviction, score every key by the attention the last
-``window`` rows gave it (the observation window), pooled over neighbouring keys; keep the top
-``heavy`` keys plus the last ``window`` keys; from then on accumulate attention as H2O does.
+"""``snapkv`` (Li et al., 2024): at the first eviction, score the keys before the observation
+window (the last ``window`` rows) by the attention those rows gave them, pooled over neighbouring
+keys; keep the top ``heavy`` of them plus the window's keys and the decoded one; from then on
+accumulate attention as H2O does.
 
-Budget ``n = heavy + window``. Let ``o`` be the row of the first eviction (the observation point):
+Budget ``n = heavy + window + 1``: SnapKV's ``max_capacity_prompt = heavy + window`` plus the
+decoded token, which lessctl's budget counts (module doc of :mod:`lessctl.policies.base`).
+Let ``o`` be the row of the first eviction (the observation point; ``o >= n``):
 
 - parallel face / streaming cache: ``o = n``, the first row past the budget (the "prompt" is the
   first ``n`` tokens, which every row ``< n`` attends to in full);
 - prompt protocol of the cache (a prompt of ``T`` tokens, full causal attention, then the
   excess evicted at the first decoded row): ``o = max(T, n)``.
 
-Scores. Rows ``r`` in ``[o - window, o)`` (before ``o`` nothing is evicted, so each attends to
-every key ``<= r``) add their softmax probabilities, summed over the KV group's query heads;
-rows before ``o - window`` add nothing. After row ``o - 1`` the sums are pooled over key
-positions, 1-D with ``kernel`` (odd) and stride 1: ``avg`` (zero padding, divided by ``kernel``,
-as kvpress) or ``max`` (as the SnapKV code). From row ``o`` on (decoding), every row adds its
-probabilities over its kept set, exactly as H2O, and an evicted key's score is gone forever.
+Scores (default, as SnapKV's ``SnapKVCluster.update_kv``). Rows ``r`` in ``[o - window, o)``
+(before ``o`` nothing is evicted, so each attends to every key ``<= r``) add their softmax
+probabilities, summed over the KV group's query heads; rows before ``o - window`` add nothing.
+After row ``o - 1`` the sums of the prefix keys ``0 .. o - window - 1`` are pooled over the
+prefix alone, 1-D with ``kernel`` (odd) and stride 1, zero-padded at both ends (the window's
+keys do not enter the pooling): ``avg`` (divided by ``kernel``; SnapKV's default, kvpress) or
+``max`` (SnapKV's ``maxpool``). The window's keys keep their plain sums. From row ``o`` on
+(decoding), every row adds its probabilities over its kept set, exactly as H2O, and an evicted
+key's score is gone forever.
 
-Eviction ("evict, then attend"), at every row ``t >= o``: the last ``window`` keys
-(``t - window + 1 .. t``, the new key included, as H2O's ``recent``) are kept; among the other
-candidates the lowest score goes (ties: earliest position). At ``o`` this keeps the top
-``heavy`` keys by pooled observation score plus the window: SnapKV's prompt compression (the
-window keys are the last ``window - 1`` observation rows' keys plus the new one). After ``o``
-it is H2O(heavy, window) seeded with the observation scores.
+Eviction ("evict, then attend"), at every row ``t >= o``: the ``window`` keys before the new
+one and the new one (``t - window .. t``) are kept; among the other candidates the lowest score
+goes (ties: earliest position). At ``o`` this keeps the top ``heavy`` prefix keys by pooled
+score, the observation window ``o - window .. o - 1`` and the decoded key ``o``: SnapKV's prompt
+compression of the first ``o`` tokens. After ``o`` it is H2O(heavy, window + 1) seeded with the
+observation scores (SnapKV itself compresses once and lets the cache grow).
+
+``pool_across_window=True``: lessctl's earlier variant. Budget ``n = heavy + window``; the
+pooling runs over every key ``0 .. o - 1``, across the window's edge; the kept window is the
+last ``window`` keys counting the new one (``t - window + 1 .. t``), so at ``o`` it keeps
+``o - window + 1 .. o`` and key ``o - window`` competes by its (pooled) score.
+
+GQA: SnapKV's code selects per query head (it repeats K/V before compressing); lessctl, as
+kvpress, keeps one set per KV head from the group's summed scores (with ``max`` pooling the max
+of the group's sum, not of each head's).
 
 Both faces share :meth:`SnapKV.accumulate`; the parallel face is
 :func:`~lessctl.policies.base.sequential_evict_at` (O(S * n * d)).
@@ -46,7 +61,9 @@ def pool_by_position(scores: Tensor, positions: Tensor, kernel: int, pooling: st
     """Pool ``scores`` over neighbouring key positions (stride 1, ``kernel // 2`` padding).
 
     scores, positions [B,Hkv,m] -> [B,Hkv,m]. Kept keys must be contiguous in position (true
-    before the first eviction); empty slots (position -1, score 0) sort first and act as padding.
+    before the first eviction); empty slots (position -1, score 0) sort first and act as padding,
+    as do slots whose score was zeroed (the window's keys, for the prefix-only pooling; scores
+    are >= 0, so zeros pad ``max`` as -inf does).
     """
     order = positions.argsort(dim=-1, stable=True)
     s = scores.gather(-1, order)
@@ -63,14 +80,16 @@ def pool_by_position(scores: Tensor, positions: Tensor, kernel: int, pooling: st
 class SnapKV(Policy):
     """Observation-window scores, pooled, then H2O-style accumulation (module doc).
 
-    ``heavy >= 0`` keys kept by score, ``window >= 1`` recent keys / observation rows,
-    ``kernel`` odd >= 1, ``pooling`` in ``avg``, ``max``.
+    ``heavy >= 0`` keys kept by score, ``window >= 1`` observation rows / window keys,
+    ``kernel`` odd >= 1, ``pooling`` in ``avg``, ``max``; ``pool_across_window``: lessctl's
+    earlier variant (module doc).
     """
 
     heavy: int = 32
     window: int = 32
     kernel: int = 5
     pooling: str = "avg"
+    pool_across_window: bool = False
     name: ClassVar[str] = "snapkv"
     accumulates: ClassVar[bool] = True
 
@@ -83,10 +102,20 @@ class SnapKV(Policy):
             raise InputError(
                 f"snapkv pooling={self.pooling!r} is invalid; allowed: {', '.join(POOLINGS)}"
             )
+        if not isinstance(self.pool_across_window, bool):
+            raise InputError(
+                f"snapkv pool_across_window={self.pool_across_window!r} is invalid; "
+                "allowed: true or false"
+            )
+
+    @property
+    def recent(self) -> int:
+        """Keys kept as the window at every row, the new one included."""
+        return self.window if self.pool_across_window else self.window + 1
 
     @property
     def budget(self) -> int:  # type: ignore[override]
-        return self.heavy + self.window
+        return self.heavy + self.recent
 
     def accumulate(
         self, acc: Tensor, probs: Tensor, rows: Tensor, positions: Tensor, first_evict: Tensor
@@ -100,7 +129,13 @@ class SnapKV(Policy):
         counts = (rows >= o - self.window).to(probs.dtype)[:, None, :, None]
         acc = acc + (probs * counts).sum(2)
         closes = (rows == o - 1).any(-1)[:, None, None]  # [B,1,1]: row o - 1 is in this call
-        pooled = pool_by_position(acc, positions, self.kernel, self.pooling)
+        if self.pool_across_window:
+            pooled = pool_by_position(acc, positions, self.kernel, self.pooling)
+        else:  # the prefix alone: the window's keys are padding and keep their sums
+            window = positions >= (o - self.window)[:, :, None]
+            prefix = acc.masked_fill(window, 0.0)
+            pooled = pool_by_position(prefix, positions, self.kernel, self.pooling)
+            pooled = torch.where(window, acc, pooled)
         return torch.where(closes, pooled, acc)
 
     def eviction_scores(
@@ -112,7 +147,7 @@ class SnapKV(Policy):
     ) -> Tensor:
         """Accumulated (pooled-seeded) scores, +inf in the window: [B,Hkv,n+1] -> [B,Hkv,n]."""
         assert acc_scores is not None, "snapkv needs acc_scores"
-        in_window = positions[..., :-1] > t - self.window
+        in_window = positions[..., :-1] > t - self.recent
         return acc_scores[..., :-1].masked_fill(in_window, torch.inf)
 
     def with_extra(self, extra: int) -> SnapKV:

@@ -1,6 +1,22 @@
-"""``tova`` (Token Omission Via Attention): at row ``t >= n`` evict, among ``kept(t-1)`` (never
-the new key ``t``), the key with the lowest attention probability from the current query
-``q_t`` over the candidates ``kept(t-1) + {t}``, summed over the KV group's query heads.
+"""``tova`` (Token Omission Via Attention, Oren et al., 2024): at row ``t >= n`` evict, among
+``kept(t-1)`` (never the new key ``t``), the key with the lowest attention probability from the
+current query ``q_t`` over the candidates ``kept(t-1) + {t}``.
+
+Aggregation (default): the probabilities are averaged over all query heads of the layer and one
+key is evicted for the whole layer, so every KV head keeps the same set. This follows TOVA's
+authors' code (``TOVACache.reduce`` in schwartz-lab-NLP/TOVA: the mean over heads of the last
+row's attention, then one top-k shared by all KV heads), as kvpress's ``TOVAPress`` does.
+``per_head=True``: lessctl's earlier variant, one choice per KV head from the probabilities
+summed over its group's query heads.
+
+Deviations from the authors' code: the new key is never evicted at its own row (as kvpress;
+TOVA's top-k may drop it at once), and lessctl's budget counts the decoded token ("evict, then
+attend": row ``t`` attends over ``n`` keys, TOVA's over its ``n`` cached ones plus itself before
+it drops one), so the kept sets after each row agree for TOVA's ``cache_size = n``.
+
+The layer-wide choice sums ``probs_now`` over the KV heads slot by slot: a cache must hold the
+same position in the same slot on every KV head, which every cache here does (all heads start
+alike and take the same decisions; tests check the kept sets across heads).
 
 Parallel face: :func:`~lessctl.policies.base.sequential_evict_at` (O(S * n * d)).
 """
@@ -12,21 +28,25 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from lessctl.errors import InputError
 from lessctl.policies.base import Policy, register
 
 
 @register
 @dataclass(frozen=True)
 class TOVA(Policy):
-    """Keep the ``budget`` keys the current query attends to most."""
+    """Keep the ``budget`` keys the current query attends to most (module doc)."""
 
     budget: int = 64  # type: ignore[misc]
+    per_head: bool = False
     name: ClassVar[str] = "tova"
     needs_probs: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.budget < 1:
             raise ValueError(f"tova needs budget >= 1, got {self.budget}")
+        if not isinstance(self.per_head, bool):
+            raise InputError(f"tova per_head={self.per_head!r} is invalid; allowed: true or false")
 
     def eviction_scores(
         self,
@@ -35,9 +55,11 @@ class TOVA(Policy):
         acc_scores: Tensor | None,
         probs_now: Tensor | None,
     ) -> Tensor:
-        """The current query's probability of each old candidate: [B,Hkv,n+1] -> [B,Hkv,n]."""
+        """The current query's probability of each old candidate, summed over all the layer's
+        query heads (``per_head``: over the KV group's): [B,Hkv,n+1] -> [B,Hkv,n]."""
         assert probs_now is not None, "tova needs probs_now"
-        return probs_now[..., :-1]
+        old = probs_now[..., :-1]
+        return old if self.per_head else old.sum(1, keepdim=True).expand_as(old)
 
     def with_extra(self, extra: int) -> TOVA:
-        return TOVA(self.budget + extra)
+        return self.replace(budget=self.budget + extra)  # type: ignore[return-value]

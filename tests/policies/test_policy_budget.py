@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lessctl.errors import LessctlError
 from lessctl.policies import (
     H2O,
     POLICIES,
@@ -65,6 +66,9 @@ def test_official_fractions_llama2_7b():
         ({"name": "snapkv", "budget": {"size": 8}, "window": 1.0}, "window=1.0"),
         ({"name": "snapkv", "budget": {"size": 8}, "kernel": 4}, "kernel=4"),
         ({"name": "snapkv", "budget": {"size": 8}, "pooling": "sum"}, "pooling='sum'"),
+        ({"name": "snapkv", "budget": {"size": 8}, "window": 8}, "window=8"),
+        ({"name": "snapkv", "budget": {"size": 8}, "pool_across_window": "yes"}, "'yes'"),
+        ({"name": "tova", "budget": {"size": 8}, "per_head": 1}, "per_head=1"),
     ],
 )
 def test_bad_budgets_are_one_line_value_errors(cfg, needle):
@@ -121,12 +125,54 @@ def test_registry_and_budgets():
 def test_snapkv_budget_splits_into_window_and_heavy():
     cfg = yaml.safe_load((CONF / "snapkv.yaml").read_text())
     p = build_policy(cfg, seq_len=4096, max_position_embeddings=4096)
-    assert p == SnapKV(heavy=102, window=102, kernel=5, pooling="avg") and p.budget == 204
+    # one token of the budget is the decoded one (SnapKV's capacity is budget - 1)
+    assert p == SnapKV(heavy=101, window=102, kernel=5, pooling="avg") and p.budget == 204
     tokens = {"name": "snapkv", "budget": {"size": 64}, "window": 16, "pooling": "max"}
     assert build_policy(tokens, seq_len=512, max_position_embeddings=512) == SnapKV(
-        48, 16, 5, "max"
+        47, 16, 5, "max"
     )
     share = {"name": "snapkv", "budget": {"size": 10}, "window": 0.25, "kernel": 7}
-    assert build_policy(share, seq_len=512, max_position_embeddings=512) == SnapKV(8, 2, 7)
-    tiny = {"name": "snapkv", "budget": {"size": 1}, "window": 0.5}  # at least one window token
-    assert build_policy(tiny, seq_len=512, max_position_embeddings=512) == SnapKV(0, 1)
+    assert build_policy(share, seq_len=512, max_position_embeddings=512) == SnapKV(7, 2, 7)
+    # lessctl's earlier variant: the window counts the decoded token
+    across = {**tokens, "pool_across_window": True}
+    assert build_policy(across, seq_len=512, max_position_embeddings=512) == SnapKV(
+        48, 16, 5, "max", pool_across_window=True
+    )
+    tiny = {"name": "snapkv", "budget": {"size": 1}, "window": 0.5, "pool_across_window": True}
+    assert build_policy(tiny, seq_len=512, max_position_embeddings=512) == SnapKV(
+        0, 1, pool_across_window=True
+    )  # at least one window token
+    for cfg in (tokens, across):
+        assert build_policy(cfg, seq_len=512, max_position_embeddings=512).budget == 64
+
+
+def test_tova_per_head_is_a_config_key():
+    tova = {"name": "tova", "budget": {"size": 12}}
+    assert build_policy(tova, seq_len=64, max_position_embeddings=64) == TOVA(12)
+    per_head = {**tova, "per_head": True}
+    assert build_policy(per_head, seq_len=64, max_position_embeddings=64) == TOVA(12, True)
+    assert baseline_plus(TOVA(12, True), rank=8, head_dim=128, kv_bytes=4) == TOVA(16, True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["policy=tova", "policy.per_head=abc"], "policy.per_head='abc' is invalid"),
+        (["policy=snapkv", "policy.pool_across_window=2"], "policy.pool_across_window=2"),
+    ],
+)
+def test_policy_flags_are_checked_where_the_config_enters(compose, overrides, needle):
+    with pytest.raises(LessctlError) as err:
+        compose(*overrides)
+    assert "\n" not in str(err.value) and needle in str(err.value)
+    assert "true or false" in str(err.value)
+    cfg = compose(overrides[0], overrides[1].split("=")[0] + "=true")
+    assert cfg.policy.get("per_head", cfg.policy.get("pool_across_window")) is True
+
+
+def test_every_policy_schema_key_is_in_its_policy_config():
+    from lessctl.schema import POLICY_SCHEMA
+
+    for name, fields in POLICY_SCHEMA.items():
+        cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+        assert all(f.key.removeprefix("policy.") in cfg for f in fields), name

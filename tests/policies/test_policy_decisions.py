@@ -78,12 +78,14 @@ def naive(policy, q, k) -> torch.Tensor:
                     elif isinstance(policy, H2O):
                         others = [j for j in kept if j <= t - policy.recent]
                         victim = min(others, key=lambda j: (score[j], j))
-                    elif isinstance(policy, SnapKV):
-                        others = [j for j in kept if j <= t - policy.window]
+                    elif isinstance(policy, SnapKV):  # the window: t-w..t (across: t-w+1..t)
+                        edge = t - policy.window + int(policy.pool_across_window)
+                        others = [j for j in kept if j < edge]
                         victim = min(others, key=lambda j: (score[j], j))
-                    elif isinstance(policy, TOVA):
-                        p = row_probs(q, k, bi, hk, t, kept + [t])
-                        victim = min(kept, key=lambda j: (p[j], j))
+                    elif isinstance(policy, TOVA):  # layer-wide: every KV head's group summed
+                        heads = [hk] if policy.per_head else range(hkv)
+                        ps = [row_probs(q, k, bi, h, t, kept + [t]) for h in heads]
+                        victim = min(kept, key=lambda j: (sum(p[j] for p in ps), j))
                     elif isinstance(policy, RandomPolicy):
                         base = lowbias32((lowbias32(policy.seed) + hk) & 0xFFFFFFFF)
                         u = {j: lowbias32((base + j) & 0xFFFFFFFF) for j in kept}
@@ -100,9 +102,10 @@ def naive(policy, q, k) -> torch.Tensor:
                     if t >= n - policy.window:
                         for j, p in row_probs(q, k, bi, hk, t, kept).items():
                             score[j] = score.get(j, 0.0) + p
-                    if t == n - 1:
-                        full = {j: score.get(j, 0.0) for j in range(n)}
-                        score = naive_pool(full, policy.kernel, policy.pooling)
+                    if t == n - 1:  # pool the prefix 0..n-w-1 alone (across: all n keys)
+                        m = n if policy.pool_across_window else n - policy.window
+                        part = {j: score.get(j, 0.0) for j in range(m)}
+                        score = {**score, **naive_pool(part, policy.kernel, policy.pooling)}
     return out
 
 
@@ -114,11 +117,16 @@ POLICIES = [
     H2O(heavy=9, recent=1),
     H2O(heavy=4, recent=0),
     TOVA(11),
+    TOVA(11, per_head=True),
     RandomPolicy(12, seed=7),
     SnapKV(heavy=6, window=5),
     SnapKV(heavy=8, window=3, kernel=7, pooling="max"),
     SnapKV(heavy=9, window=1, kernel=1),
     SnapKV(heavy=0, window=10),
+    SnapKV(heavy=6, window=5, pool_across_window=True),
+    SnapKV(heavy=8, window=3, kernel=7, pooling="max", pool_across_window=True),
+    SnapKV(heavy=9, window=1, kernel=1, pool_across_window=True),
+    SnapKV(heavy=0, window=10, pool_across_window=True),
 ]
 
 

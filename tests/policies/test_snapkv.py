@@ -1,6 +1,8 @@
-"""SnapKV in the real-eviction cache's prompt protocol: the first decoded row keeps exactly
-SnapKV's prompt compression (top pooled observation scores + window); a prompt no longer than
-the budget decides exactly as the parallel form."""
+"""lessctl's earlier SnapKV variant (``pool_across_window=True``) in the real-eviction cache's
+prompt protocol: the first decoded row keeps the top scores pooled across the window's edge plus
+the last ``window`` keys counting the decoded one; a prompt no longer than the budget decides
+exactly as the parallel form. The default (SnapKV's own code) is tested against an independent
+reference in tests/policies/test_reference.py."""
 
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ def run_layer(policy, q, k, v, prompt: int) -> list[torch.Tensor]:
 
 
 def snapkv_by_definition(policy: SnapKV, q, k, prompt: int) -> list[list[list[int]]]:
-    """Kept positions after the first decoded row, computed from SnapKV's definition with
-    loops: rows prompt-w..prompt-1 of full causal attention, summed over the group, pooled."""
+    """Kept positions after the first decoded row, computed from the variant's definition with
+    loops: rows prompt-w..prompt-1 of full causal attention, summed over the group, pooled over
+    every prompt key (across the window's edge)."""
     g, w, r = H // HKV, policy.window, policy.kernel // 2
     out = []
     for b in range(B):
@@ -63,7 +66,10 @@ def snapkv_by_definition(policy: SnapKV, q, k, prompt: int) -> list[list[list[in
 
 @pytest.mark.parametrize("pooling", ["avg", "max"])
 def test_prompt_protocol_first_row_is_snapkv_compression(pooling):
-    policy, prompt = SnapKV(heavy=7, window=4, kernel=5, pooling=pooling), 30
+    policy, prompt = (
+        SnapKV(heavy=7, window=4, kernel=5, pooling=pooling, pool_across_window=True),
+        30,
+    )
     q, k, v = qkv(prompt + 3, seed=11)
     kept = run_layer(policy, q, k, v, prompt)
     assert kept[0].shape[-1] == prompt  # the prompt is cached whole
@@ -74,9 +80,10 @@ def test_prompt_protocol_first_row_is_snapkv_compression(pooling):
     assert plain[1].tolist() != kept[1].tolist()
 
 
+@pytest.mark.parametrize("across", [False, True])
 @pytest.mark.parametrize("prompt", [1, 6, 11])
-def test_prompt_no_longer_than_budget_equals_parallel_form(prompt):
-    policy = SnapKV(heavy=7, window=4, kernel=3, pooling="max")  # budget 11
+def test_prompt_no_longer_than_budget_equals_parallel_form(prompt, across):
+    policy = SnapKV(7, 4, 3, "max", pool_across_window=across)  # budget 12 (across: 11)
     q, k, v = qkv(40, seed=12)
     kept = run_layer(policy, q, k, v, prompt)
     mask = keep_mask(policy.evict_at(q, k))  # [B,Hkv,S(row),S(key)]
@@ -85,10 +92,11 @@ def test_prompt_no_longer_than_budget_equals_parallel_form(prompt):
         assert torch.equal(kept[i], want), t
 
 
-def test_padded_batch_with_prompts_both_sides_of_the_budget_equals_each_alone():
+@pytest.mark.parametrize("across", [False, True])
+def test_padded_batch_with_prompts_both_sides_of_the_budget_equals_each_alone(across):
     """One prompt longer than the budget (first eviction at its end), one shorter (first eviction
     at the budget), left-padded into one batch: each decides and attends as it would alone."""
-    policy, steps, pad = SnapKV(heavy=9, window=6, kernel=3), 12, 8  # budget 15
+    policy, steps, pad = SnapKV(9, 6, 3, pool_across_window=across), 12, 8  # budget 16 (15)
     q, k, v = qkv(20 + steps, seed=13)
     pads = torch.tensor([0, pad])
 
