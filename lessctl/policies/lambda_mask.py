@@ -7,6 +7,7 @@ the key ``t - recent`` leaves the window.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lessctl.policies.base import Policy, register
+from lessctl.schema import Rule, int_at_least
 
 
 def window_evict_at(k: Tensor, sink: int, recent: int) -> Tensor:
@@ -39,6 +41,7 @@ class LambdaMask(Policy):
     sink: int = 4
     recent: int = 64
     name: ClassVar[str] = "lambda"
+    config_keys: ClassVar[Mapping[str, Rule]] = {"sink": int_at_least(0)}
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.recent < 1:
