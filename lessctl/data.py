@@ -64,8 +64,8 @@ def _read_file(path: Path, kind: str) -> list:
     for i, r in enumerate(rows, 1):
         if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in need):
             raise DataError(
-                f"{path}: row {i} is not an object with string field(s) {', '.join(need)} "
-                f"(kind={kind})"
+                f"{path}: row {i} lacks field(s) {', '.join(need)} (kind={kind}); allowed: one "
+                f"JSON object a line with string {', '.join(need)}"
             )
     return rows
 

@@ -135,7 +135,7 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("train.gamma", number(0.0, lo_open=True)),
         ("train.val_fraction", number(0.0, 1.0, lo_open=True, hi_open=True)),
         ("train.max_train_sequences", optional(int_at_least(1))),
-        ("train.memory_gb", optional(number(0.0, lo_open=True))),
+        ("train.memory_gb", optional(number(0.0))),  # 0: always streamed from disk
         ("train.layers", optional(any_of(int_at_least(0), list_of(int_at_least(0))))),
         ("train.activations", optional(PATH)),
         ("train.dir", PATH),
