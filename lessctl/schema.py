@@ -227,7 +227,9 @@ def _owned_groups(cfg: DictConfig) -> None:
     if isinstance(policy, dict):
         from lessctl.policies.budget import config_keys
 
-        check_group("policy", policy, config_keys(policy.get("name")), f"policy {policy['name']}")
+        keys = config_keys(policy.get("name"))
+        check("policy.name", policy.get("name"), keys["name"])
+        check_group("policy", policy, keys, f"policy {policy['name']}")
     task = _plain(cfg, "task")
     if isinstance(task, dict):
         from lessctl.tasks.base import get_task  # imports every task (only when one is chosen)
