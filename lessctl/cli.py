@@ -284,14 +284,21 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> None:
 
 
 def task_overrides(overrides: list[str]) -> list[str]:
-    """`task=X` stays a task when conf/task/X.yaml exists, else it is short for `data=X`."""
-    from lessctl.config import group_options
+    """`task=X` stays a task when conf/task/X.yaml exists, else it is short for `data=X` when
+    conf/data/X.yaml does; any other X is refused in one line naming both."""
+    from lessctl.config import ConfigError, group_options
 
-    tasks = set(group_options("task"))
+    tasks, data = group_options("task"), group_options("data")
     out = []
     for o in overrides:
-        if o.startswith("task=") and o.split("=", 1)[1] not in tasks:
-            o = "data=" + o.split("=", 1)[1]
+        name = o.split("=", 1)[1] if o.startswith("task=") else None
+        if name is not None and name not in tasks and name != "null":
+            if name not in data:
+                raise ConfigError(
+                    f"unknown task {name!r}; allowed: {', '.join(tasks)}, or a data option "
+                    f"(short for data=X: perplexity or summarisation): {', '.join(data)}"
+                )
+            o = "data=" + name
         out.append(o)
     return out
 
@@ -302,7 +309,10 @@ def eval_(overrides: list[str] = OVERRIDES, print_cfg: bool = CFG) -> None:
     task of conf/task/ (passkey, needle, variable_tracking, common_words, longctx, ...);
     `task=<data option>` is short for `data=<option>`: perplexity (text corpora) or
     summarisation ROUGE (cnndm, xsum, multinews)."""
-    overrides = task_overrides(overrides or [])
+    try:
+        overrides = task_overrides(overrides or [])
+    except LessctlError as err:
+        fail(str(err))
     cfg = compose(overrides, print_cfg)
     if cfg is None:
         return

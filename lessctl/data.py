@@ -44,26 +44,47 @@ def _say(msg: str) -> None:
 def _read_file(path: Path, kind: str) -> list:
     if not path.exists():
         raise DataError(f"data.path={str(path)!r} does not exist")
+    if not path.is_file():
+        raise DataError(f"data.path={str(path)!r} is not a file; allowed: a .txt or .jsonl file")
     if path.suffix == ".txt":
         if kind != "text":
             raise DataError(f"data.path={str(path)!r}: a .txt file holds text, not summary pairs")
-        return [{"text": path.read_text(encoding="utf-8")}]
+        return [{"text": _text(path)}]
     if path.suffix != ".jsonl":
         raise DataError(f"data.path={str(path)!r}: allowed formats are .txt and .jsonl")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{i}: not valid JSON") from None
+    for i, line in enumerate(_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{i}: not valid JSON") from None
     need = ("text",) if kind == "text" else ("document", "summary")
     for i, r in enumerate(rows, 1):
-        if not all(k in r for k in need):
-            raise DataError(f"{path}: row {i} lacks field(s) {', '.join(need)} (kind={kind})")
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in need):
+            raise DataError(
+                f"{path}: row {i} lacks field(s) {', '.join(need)} (kind={kind}); allowed: one "
+                f"JSON object a line with string {', '.join(need)}"
+            )
     return rows
+
+
+def _text(path: Path) -> str:
+    """The file's text (UTF-8, newlines universal as `open` reads them), or one line naming the
+    file and what is wrong with it."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"data.path={str(path)!r} cannot be read: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"data.path={str(path)!r} is not UTF-8 text (byte {err.start}, line {line}); "
+            "allowed: a UTF-8 .txt file or a .jsonl file of JSON objects"
+        ) from None
 
 
 def _load_hub(cfg: Any, split: str):

@@ -28,6 +28,7 @@ from lessctl.less.attention import parallel_attention
 from lessctl.models import attention_geometry, load_model
 from lessctl.policies.base import expire, never_evicted
 from lessctl.shards import ShardStore, config_hash
+from lessctl.units import human_bytes
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -145,7 +146,7 @@ def run(cfg: DictConfig, log=print) -> dict[str, Any]:
     )
     if need > free:
         raise LessctlError(
-            f"extraction needs {need / 2**30:.2f} GiB but {store.root} has {free / 2**30:.2f} GiB "
+            f"extraction needs {human_bytes(need)} but {store.root} has {human_bytes(free)} "
             f"free; lower extract.tokens or set extract.dir"
         )
     manifest = {

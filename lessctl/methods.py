@@ -30,13 +30,12 @@ from lessctl.errors import LessctlError
 from lessctl.hooks import refuse_unknown_kwargs
 from lessctl.less.attention import parallel_attention
 from lessctl.less.kernels import KernelConfig, LayerKernels
+from lessctl.method_names import METHODS
 from lessctl.policies.base import Policy, layer_evict_at
 from lessctl.policies.budget import baseline_plus, build_policy, state_tokens
 from lessctl.shards import file_sha256
 
 log = logging.getLogger(__name__)
-
-METHODS = ("full", "baseline", "baseline_plus", "less", "performer")
 
 
 @dataclass

@@ -7,6 +7,7 @@ point `model.path` at a local copy.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from functools import cache, partial
@@ -154,6 +155,96 @@ def _from_pretrained(
     return model, tok
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise ModelError(f"{what} {str(path)!r} cannot be read: {err.strerror or err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{what} {str(path)!r} is not valid JSON (truncated?): {err}") from None
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse (one line) a .safetensors file whose size is not what its header says: an 8-byte
+    header length, the JSON header, then every tensor's bytes (`data_offsets`)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = f.read(n) if 0 <= n <= size - 8 else b""
+    try:
+        meta = json.loads(header)
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise ModelError(
+            f"weights file {str(path)!r} ({size} bytes) has no valid safetensors header: "
+            "truncated or not a safetensors file"
+        ) from None
+    if 8 + n + end != size:
+        raise ModelError(
+            f"weights file {str(path)!r} has {size} bytes, its header says {8 + n + end}: "
+            "truncated or damaged; copy it again"
+        )
+
+
+def check_folder(p: Path) -> None:
+    """A local model folder: config.json an object with a `model_type` transformers knows, a
+    tokenizer file, weights whose sizes match their headers; else one line naming the file."""
+    from transformers import CONFIG_MAPPING
+
+    cfg = _json(p / "config.json", "model config")
+    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if not isinstance(kind, str) or not kind:
+        raise ModelError(
+            f'model config {str(p / "config.json")!r} lacks `model_type` (e.g. "llama"): it is '
+            "not a Hugging Face model config"
+        )
+    if kind not in CONFIG_MAPPING:
+        raise ModelError(
+            f"model config {str(p / 'config.json')!r}: model_type {kind!r} is not one this "
+            "transformers knows (a newer transformers, or a model with custom code)"
+        )
+    if not any((p / f).exists() for f in TOKENIZER_FILES):
+        raise ModelError(
+            f"model.path={str(p)!r} lacks a tokenizer: none of {', '.join(TOKENIZER_FILES)}"
+        )
+    shards = sorted(p.glob("*.safetensors"))
+    if not shards and not any((p / f).exists() for f in WEIGHT_FILES):
+        raise ModelError(f"model.path={str(p)!r} lacks weights: none of {', '.join(WEIGHT_FILES)}")
+    for shard in shards:
+        check_safetensors(shard)
+
+
+def check_gguf(p: Path) -> None:
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"model.path={str(p)!r} is not a GGUF file (it does not start with GGUF)")
+
+
+def _local(path: str, fp, where: Path, dtype: torch.dtype, **kw):
+    """`fp(where, ...)` for a local model: a file it cannot read is one line naming the path
+    (what `check_folder` does not foresee, e.g. a damaged .bin or GGUF)."""
+    from safetensors import SafetensorError
+
+    try:
+        return fp(where, None, dtype, **kw)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ModelError(
+            f"model.path={path!r} cannot be loaded ({type(err).__name__}: {first})"
+        ) from None
+
+
 def load_model(
     cfg: Any,
     device: torch.device | str = "cpu",
@@ -176,9 +267,11 @@ def load_model(
         if not p.exists():
             raise ModelError(f"model.path={path!r} does not exist")
         if p.suffix == ".gguf":
-            model, tok = fp(p.parent, None, dtype, gguf_file=p.name)
+            check_gguf(p)
+            model, tok = _local(path, fp, p.parent, dtype, gguf_file=p.name)
         elif (p / "config.json").exists():
-            model, tok = fp(p, None, dtype)
+            check_folder(p)
+            model, tok = _local(path, fp, p, dtype)
         else:
             raise ModelError(
                 f"model.path={path!r} is neither a .gguf file nor a folder with config.json"

@@ -20,10 +20,11 @@ import numpy as np
 import pandas as pd
 
 from lessctl import stats
+from lessctl.errors import LessctlError
 from lessctl.report_bench import bench_sections
 from lessctl.report_longctx import sections as longctx_sections
 from lessctl.report_study import sections as study_sections
-from lessctl.runs import list_runs
+from lessctl.runs import RunError, list_runs, warn
 from lessctl.stats import Samples
 
 ORDER = ["full", "baseline", "baseline_plus", "less", "performer"]
@@ -38,14 +39,19 @@ LABEL = {
 
 def load_rows(results_dir: str | Path, run_name: str | None = None) -> pd.DataFrame:
     """All saved rows of finished runs (only those labelled `run_name` when given), newest run
-    last."""
+    last; a run folder that cannot be read is skipped with one warning line naming it."""
     rows = []
     for run in list_runs(results_dir):
         if run.meta.get("status") != "finished":
             continue
         if run_name is not None and run.meta.get("run_name") != run_name:
             continue
-        for r in run.rows():
+        try:
+            saved = run.rows()
+        except RunError as err:
+            warn(f"skipped a run folder: {err}")
+            continue
+        for r in saved:
             rows.append({**r, "_run": run.path.name, "_command": run.path.parent.name})
     return pd.DataFrame(rows)
 
@@ -319,6 +325,11 @@ def run(results_dir: str | Path = "results", run_name: str | None = None) -> Pat
     """Write `<results_dir>/REPORT.md` and its figures from the finished runs (those labelled
     `run_name` when given: one study's runs); returns the report's path."""
     results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise LessctlError(
+            f"results_dir={str(results_dir)!r} is not a folder; allowed: the folder the stages "
+            "wrote their runs to (results_dir=DIR; default: results)"
+        )
     df = load_rows(results_dir, run_name)
     fig_dir = results_dir / "figures"
     out = [

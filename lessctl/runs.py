@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -21,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lessctl.atomic import write_json_atomic
+from lessctl.errors import LessctlError
 
 TRACKED = ("torch", "transformers", "datasets", "lessctl")
 
@@ -90,10 +92,20 @@ class Run:
             os.fsync(f.fileno())
 
     def rows(self) -> list[dict[str, Any]]:
+        """The saved rows; a file that cannot be read raises RunError (one line)."""
         p = self.path / "rows.jsonl"
         if not p.exists():
             return []
-        return [json.loads(line) for line in open(p, encoding="utf-8") if line.strip()]
+        rows = []
+        try:
+            for i, line in enumerate(p.read_bytes().decode("utf-8").split("\n"), 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+                    if not isinstance(rows[-1], dict):
+                        raise ValueError(f"line {i} is not a JSON object")
+        except (OSError, ValueError) as err:  # UnicodeDecodeError, JSONDecodeError included
+            raise RunError(f"{p} cannot be read: {err}") from None
+        return rows
 
     def update_meta(self, **kw: Any) -> None:
         self.meta.update(kw)
@@ -129,6 +141,10 @@ def start_run(cfg: DictConfig, command: str, overrides: list[str], device: str =
     return run
 
 
+class RunError(LessctlError):
+    """A run folder that cannot be read (one line naming the file)."""
+
+
 def process_gone(meta: dict[str, Any]) -> bool:
     """Whether the process that wrote a `running` meta has ended without closing it (kill -9,
     a lost node): only decidable on the host that ran it, from its recorded pid."""
@@ -150,14 +166,38 @@ def load_run(path: str | Path) -> Run:
     """The run folder at `path`; a `running` run whose process is gone (:func:`process_gone`)
     is marked `interrupted` here, the first time it is seen after the kill."""
     path = Path(path)
-    run = Run(path, json.loads((path / "meta.json").read_text()))
+    try:
+        meta = json.loads((path / "meta.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError, JSONDecodeError included
+        raise RunError(f"{path / 'meta.json'} cannot be read: {err}") from None
+    if not isinstance(meta, dict):
+        raise RunError(f"{path / 'meta.json'} is not a JSON object")
+    run = Run(path, meta)
     if process_gone(run.meta):
         run.update_meta(status="interrupted", interrupted="its process ended without closing it")
     return run
 
 
-def list_runs(results_dir: str | Path, command: str | None = None) -> list[Run]:
-    """Saved runs (oldest first), optionally of one command."""
+def warn(msg: str) -> None:
+    """One warning line on stderr."""
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[yellow]warning:[/] {msg}", highlight=False)
+
+
+def list_runs(
+    results_dir: str | Path,
+    command: str | None = None,
+    on_skip: Callable[[str], None] = warn,
+) -> list[Run]:
+    """Saved runs (oldest first), optionally of one command; a run folder whose meta.json
+    cannot be read is skipped with one `on_skip` line naming it."""
     root = Path(results_dir) / "runs"
     pattern = f"{command}/*/meta.json" if command else "*/*/meta.json"
-    return [load_run(p.parent) for p in sorted(root.glob(pattern))]
+    runs = []
+    for p in sorted(root.glob(pattern)):
+        try:
+            runs.append(load_run(p.parent))
+        except RunError as err:
+            on_skip(f"skipped a run folder: {err}")
+    return runs

@@ -1,13 +1,24 @@
 """The typed schema of the composed config: every value a user can set is checked once, where it
 enters (`lessctl.config.load_config`), and a bad one gets one line naming the key, the value and
-what is allowed. Keys not listed here are free (groups such as `model`, `data` and `policy` are
-validated by their own builders: `build_policy`, `load_model`, `load_texts`).
+what is allowed.
+
+The root keys are listed here (`SCHEMA`, plus checks across keys in `_cross_checks`); the groups
+whose keys depend on the option chosen are checked against their owners' declarations, each a
+mapping key -> `Rule` kept next to the code that reads the keys:
+
+- `policy.*`: `lessctl.policies.budget.config_keys(name)` (the budget keys plus the policy
+  class's own `config_keys`);
+- `task.*`: the `keys` its task registered with (`lessctl.tasks.base.register`);
+- `lm_eval.*`: `lessctl.lm_eval.config_keys.CONFIG_KEYS`.
+
+A key such a declaration does not name is refused (add `+policy.x=...` only for keys the owner
+reads). `model` and `data` are validated by their loaders (`load_model`, `load_texts`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,10 +26,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from lessctl.errors import LessctlError
 from lessctl.less.kernels import KERNELS
+from lessctl.method_names import BENCH_METHODS, METHODS
 
 
 class SchemaError(LessctlError):
     """A config value outside what is allowed (one line)."""
+
+
+Rule = tuple[Callable[[Any], bool], str]
+"""`(check(value) -> bool, the words for what is allowed)`."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +64,17 @@ def optional(rule: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], b
 
 
 def one_of(*options: Any) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v in options), ", ".join(str(o) for o in options)
+    return (lambda v: isinstance(v, str | int) and v in options), ", ".join(str(o) for o in options)
+
+
+def names(*options: str) -> Rule:
+    """One of `options`, in words that read inside a list rule ("each one of a, b")."""
+    return one_of(*options)[0], f"one of {', '.join(options)}"
+
+
+def any_of(*rules: Rule) -> Rule:
+    """A value any of `rules` allows."""
+    return (lambda v: any(check(v) for check, _ in rules)), " or ".join(w for _, w in rules)
 
 
 def list_of(
@@ -73,7 +99,14 @@ def number(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: b
     return check, f"a number in {left}{lo}, {'inf' if hi is None else hi}{right}"
 
 
+def odd_int() -> Rule:
+    return (lambda v: _int(v) and v >= 1 and v % 2 == 1), "an odd int >= 1"
+
+
 BOOL = ((lambda v: isinstance(v, bool)), "true or false")
+STR = ((lambda v: isinstance(v, str) and bool(v)), "a non-empty string")
+PATH = ((lambda v: isinstance(v, str) and bool(v)), "a path")
+MAPPING = ((lambda v: isinstance(v, dict)), "a mapping (key: value)")
 DEVICE = (
     (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None),
     "auto, cpu, cuda, cuda:N, mps",
@@ -84,6 +117,9 @@ SCHEMA: tuple[Field, ...] = tuple(
     Field(key, *rule)
     for key, rule in (
         ("seed", int_at_least(0)),
+        ("cache_dir", PATH),
+        ("results_dir", PATH),
+        ("run_name", optional(STR)),
         ("device", DEVICE),
         ("threads", optional(int_at_least(1))),
         ("native_step", one_of("auto", "always", "never")),
@@ -93,6 +129,7 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("extract.batch_size", int_at_least(1)),
         ("extract.dtype", STORAGE_DTYPES),
         ("extract.verify", BOOL),
+        ("extract.dir", PATH),
         ("train.epochs", int_at_least(1)),
         ("train.batch_size", int_at_least(1)),
         ("train.lr", number(0.0)),
@@ -100,6 +137,11 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("train.gamma", number(0.0, lo_open=True)),
         ("train.val_fraction", number(0.0, 1.0, lo_open=True, hi_open=True)),
         ("train.max_train_sequences", optional(int_at_least(1))),
+        ("train.memory_gb", optional(number(0.0))),  # 0: always streamed from disk
+        ("train.layers", optional(any_of(int_at_least(0), list_of(int_at_least(0))))),
+        ("train.activations", optional(PATH)),
+        ("train.dir", PATH),
+        ("eval.methods", list_of(names(*METHODS))),
         ("eval.mode", one_of("parallel", "streaming")),
         ("eval.window", optional(int_at_least(2))),
         ("eval.windows", optional(int_at_least(1))),
@@ -114,6 +156,7 @@ SCHEMA: tuple[Field, ...] = tuple(
             "eval.reuse_predictions",
             list_of((lambda v: isinstance(v, str) and bool(v), "a run folder path"), empty=True),
         ),
+        ("bench.methods", list_of(names(*BENCH_METHODS))),
         ("bench.contexts", list_of(int_at_least(2))),
         ("bench.batch_sizes", list_of(int_at_least(1))),
         ("bench.warmup", int_at_least(0)),
@@ -132,29 +175,88 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("less.hidden", int_at_least(1)),
         ("less.dropout", number(0.0, 1.0, hi_open=True)),
         ("less.init_scale", number(0.0)),
+        ("less.seed", int_at_least(0)),
+        ("less.ckpt", optional(PATH)),
         ("less.transfer", BOOL),
     )
 )
 
+
 # Keys of one policy only (conf/policy/<name>.yaml), checked when `policy.name` is that policy;
 # its other keys are checked by `build_policy`.
-POLICY_SCHEMA: dict[str, tuple[Field, ...]] = {
-    "snapkv": (Field("policy.pool_across_window", *BOOL),),
-    "tova": (Field("policy.per_head", *BOOL),),
-}
+def check(key: str, value: Any, rule: Rule) -> None:
+    """Raise SchemaError (one line) unless `rule` allows `value` at `key`."""
+    ok, allowed = rule
+    if not ok(value):
+        raise SchemaError(f"{key}={value!r} is invalid; allowed: {allowed}")
+
+
+def check_group(prefix: str, values: Mapping[str, Any], keys: Mapping[str, Rule], owner: str):
+    """Check a group's plain `values` against its owner's `keys` (dotted for nested ones, e.g.
+    `budget.size`); a key the owner does not declare is refused, naming the ones it has."""
+    for name, value in values.items():
+        if name in keys:
+            check(f"{prefix}.{name}", value, keys[name])
+            continue
+        nested = {k.split(".", 1)[1]: r for k, r in keys.items() if k.startswith(f"{name}.")}
+        if nested and isinstance(value, dict):
+            check_group(f"{prefix}.{name}", value, nested, owner)
+            continue
+        raise SchemaError(
+            f"{prefix}.{name} is not a key of {owner}; its keys: {', '.join(sorted(keys))}"
+        )
+
+
+def _plain(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=_MISSING)
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _cross_checks(cfg: DictConfig) -> None:
+    """Rules across keys."""
+    tokens, seq_len = _plain(cfg, "extract.tokens"), _plain(cfg, "extract.seq_len")
+    if _int(tokens) and _int(seq_len) and (tokens < seq_len or tokens % seq_len):
+        # extract cuts extract.tokens into whole windows of extract.seq_len (data.token_windows)
+        raise SchemaError(
+            f"extract.tokens={tokens!r} is invalid; allowed: a multiple of extract.seq_len="
+            f"{seq_len} (whole sequences), e.g. {max(1, round(tokens / seq_len)) * seq_len}"
+        )
+
+
+def _owned_groups(cfg: DictConfig) -> None:
+    """`policy`, `task` and `lm_eval` against their owners' declarations (module doc)."""
+    policy = _plain(cfg, "policy")
+    if isinstance(policy, dict):
+        from lessctl.policies.budget import config_keys
+
+        keys = config_keys(policy.get("name"))
+        check("policy.name", policy.get("name"), keys["name"])
+        check_group("policy", policy, keys, f"policy {policy['name']}")
+    task = _plain(cfg, "task")
+    if isinstance(task, dict):
+        from lessctl.tasks.base import get_task  # imports every task (only when one is chosen)
+
+        check("task.name", task.get("name"), STR)
+        keys = {"name": STR, **get_task(task["name"]).keys}
+        check_group("task", task, keys, f"task {task['name']}")
+    lm_eval = _plain(cfg, "lm_eval")
+    if isinstance(lm_eval, dict):
+        from lessctl.lm_eval.config_keys import CONFIG_KEYS
+
+        check_group("lm_eval", lm_eval, CONFIG_KEYS, "lm_eval")
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise SchemaError (one line) for the first value outside the schema."""
-    name = OmegaConf.select(cfg, "policy.name", default=None)
-    for f in SCHEMA + POLICY_SCHEMA.get(name, ()):
-        value = OmegaConf.select(cfg, f.key, default=_MISSING)
+    for f in SCHEMA:
+        value = _plain(cfg, f.key)
         if value is _MISSING:
             continue
-        if OmegaConf.is_config(value):
-            value = OmegaConf.to_container(value, resolve=True)
-        if not f.check(value):
-            raise SchemaError(f"{f.key}={value!r} is invalid; allowed: {f.allowed}")
+        check(f.key, value, (f.check, f.allowed))
+    _cross_checks(cfg)
+    _owned_groups(cfg)
     less = cfg.get("less")
     family = KERNELS.get(less.get("kind")) if less is not None else None
     problem = getattr(family, "config_problem", None)

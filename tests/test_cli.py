@@ -63,3 +63,24 @@ def test_bad_values_exit_2_with_one_line(monkeypatch):
         res = runner.invoke(app, args)
         lines = [ln for ln in res.output.splitlines() if ln.strip()]
         assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output
+
+
+def test_bad_inputs_of_issue_26_exit_2_with_one_line(tmp_path):
+    """Each was a traceback, a wrong list of options, or accepted with exit 0."""
+    cases = (
+        (["eval", "task=nope"], "unknown task 'nope'; allowed: common_words, lm_eval"),
+        (["eval", "eval.methods=nope"], "eval.methods='nope' is invalid; allowed: a non-empty"),
+        (["eval", "eval.methods=[]"], "eval.methods=[] is invalid"),
+        (["train", "train.memory_gb=-1"], "train.memory_gb=-1 is invalid"),
+        (["train", "train.layers=abc"], "train.layers='abc' is invalid"),
+        (["eval", "policy=h2o", "policy.heavy_ratio=abc"], "policy.heavy_ratio='abc' is invalid"),
+        (["eval", "task=lm_eval", "lm_eval.limit=-1"], "lm_eval.limit=-1 is invalid"),
+        (["extract", "experiment=smoke", "extract.tokens=10"], "extract.tokens=10 is invalid"),
+        (["report", f"results_dir={tmp_path / 'none'}"], f"results_dir='{tmp_path / 'none'}'"),
+    )
+    for args, needle in cases:
+        res = runner.invoke(app, args)
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output
+    res = runner.invoke(app, ["eval", "task=nope"])
+    assert "or a data option" in res.output and "wikitext2" in res.output  # both kinds named

@@ -132,3 +132,124 @@ def test_bare_defaults_make_a_coherent_study(compose, model):
     assert train == evaluated and train_len == eval_len
     assert train.budget <= train_len // 4
     assert int(cfg.extract.tokens) // train_len >= 2 * int(cfg.extract.batch_size)  # >= 2 chunks
+
+
+@pytest.mark.parametrize(
+    "overrides,key,allowed",
+    [
+        (["policy=h2o", "policy.heavy_ratio=abc"], "policy.heavy_ratio", "a number in [0.0, 1.0]"),
+        (["policy=h2o", "policy.heavy_ratio=1.5"], "policy.heavy_ratio", "a number in [0.0, 1.0]"),
+        (["policy.sink=-1"], "policy.sink", "an int >= 0"),
+        (["policy.budget.size=1.5"], "policy.budget.size", "an int >= 1 (tokens) or a float"),
+        (["policy.budget.of=tokens"], "policy.budget.of", "max_position_embeddings, sequence"),
+        (["policy=random", "policy.seed=x"], "policy.seed", "an int >= 0"),
+        (["policy=snapkv", "policy.kernel=4"], "policy.kernel", "an odd int >= 1"),
+        (["policy=snapkv", "policy.window=1.0"], "policy.window", "an int >= 1 or a number in"),
+        (["policy=snapkv", "policy.pooling=sum"], "policy.pooling", "avg, max"),
+        (["policy.name=nope"], "policy.name", "full, h2o, lambda"),
+        (["train.memory_gb=abc"], "train.memory_gb", "null or a number in [0.0, inf)"),
+        (["train.memory_gb=-1"], "train.memory_gb", "null or a number in [0.0, inf)"),
+        (["train.layers=abc"], "train.layers", "an int >= 0 or a non-empty list"),
+        (["train.layers=[]"], "train.layers", "an int >= 0 or a non-empty list"),
+        (["task=passkey", "task.digits=0"], "task.digits", "an int >= 1"),
+        (["task=passkey", "task.lengths=[abc]"], "task.lengths", "a non-empty list, each an int"),
+        (["task=passkey", "task.depths=[1.5]"], "task.depths", "each a number in [0.0, 1.0]"),
+        (["task=needle", "task.key_type=x"], "task.key_type", "words, numbers"),
+        (["task=variable_tracking", "task.hops=-1"], "task.hops", "an int >= 0"),
+        (["task=common_words", "task.question=middle"], "task.question", "after, before, end"),
+        (["task=longctx", "task.match=some"], "task.match", "all, any"),
+        (["lm_eval.limit=-1"], "lm_eval.limit", "null or an int >= 1 or a number in (0.0, 1.0)"),
+        (["lm_eval.batch_size=0"], "lm_eval.batch_size", "an int >= 1"),
+        (["lm_eval.tasks=[]"], "lm_eval.tasks", "a non-empty list"),
+        (["eval.methods=nope"], "eval.methods", "a non-empty list, each one of full, baseline,"),
+        (["eval.methods=[]"], "eval.methods", "a non-empty list, each one of full, baseline,"),
+        (["eval.methods=[full,lesss]"], "eval.methods", "baseline_plus, less, performer"),
+        (["bench.methods=[performer]"], "bench.methods", "each one of full, baseline, less"),
+    ],
+)
+def test_owned_and_root_keys_are_refused_in_one_line(overrides, key, allowed):
+    """Policies', tasks' and lm_eval's own keys are checked by their declarations when the
+    config loads (they were tracebacks deep in the stages, or accepted)."""
+    from lessctl.schema import SchemaError
+
+    with pytest.raises(SchemaError) as e:
+        load_config(overrides)
+    msg = str(e.value)
+    value = overrides[-1].split("=", 1)[1].strip("[]")
+    assert "\n" not in msg and msg.startswith(f"{key}=") and allowed in msg, msg
+    assert value[:3] in msg
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["policy=h2o", "policy.heavy_ratio=0"],
+        ["policy=snapkv", "policy.window=4", "policy.kernel=1"],
+        ["policy=snapkv", "policy.window=0.25"],
+        ["train.memory_gb=0.5", "train.layers=3"],
+        ["train.memory_gb=null", "train.layers=[0,2]"],
+        ["lm_eval.limit=0.5", "lm_eval.num_fewshot=0", "+lm_eval.metadata.wikitext_path=a.jsonl"],
+        ["lm_eval.limit=10"],
+        ["task=passkey", "task.digits=1", "task.lengths=[64]", "task.depths=[0,1]"],
+        ["eval.methods=[less]", "bench.methods=[full]"],
+        ["model=tiny-random", "extract.tokens=1024", "extract.seq_len=64"],
+    ],
+)
+def test_good_values_of_the_new_checks_still_compose(overrides):
+    load_config(overrides)
+
+
+def test_a_key_its_owner_does_not_declare_is_refused_naming_its_keys():
+    from lessctl.schema import SchemaError
+
+    with pytest.raises(SchemaError, match=r"^policy.heavy_ratio is not a key of policy lambda; "):
+        load_config(["+policy.heavy_ratio=0.5"])
+    with pytest.raises(SchemaError, match=r"task.depth is not a key of task passkey; its keys: "):
+        load_config(["task=passkey", "+task.depth=0.5"])
+    with pytest.raises(SchemaError, match=r"lm_eval.lmit is not a key of lm_eval"):
+        load_config(["+lm_eval.lmit=5"])
+
+
+@pytest.mark.parametrize("group", ["policy", "task"])
+def test_every_declared_key_is_in_its_yaml_and_every_yaml_key_declared(group):
+    """A policy's / task's declaration names exactly the keys of its conf yaml (a key added to
+    one and not the other fails here, not for a user)."""
+    from omegaconf import OmegaConf
+
+    from lessctl.policies.budget import config_keys
+    from lessctl.tasks import get_task
+
+    for opt in group_options(group):
+        node = OmegaConf.to_container(load_config([f"{group}={opt}"])[group])
+        flat = {f"{k}.{kk}" for k, v in node.items() if isinstance(v, dict) for kk in v}
+        flat |= {k for k, v in node.items() if not isinstance(v, dict)}
+        declared = (
+            set(config_keys(node["name"]))
+            if group == "policy"
+            else {"name", *get_task(node["name"]).keys}
+        )
+        assert flat == declared, opt
+
+
+@pytest.mark.parametrize(
+    "overrides,allowed",
+    [
+        (["model=tiny-random", "extract.tokens=10"], "a multiple of extract.seq_len=512"),
+        (["experiment=smoke", "extract.tokens=100"], "a multiple of extract.seq_len=64"),
+    ],
+)
+def test_extract_tokens_must_be_whole_sequences(overrides, allowed):
+    """extract cuts extract.tokens into whole extract.seq_len windows (it silently made 10
+    tokens 64, 100 tokens 64)."""
+    from lessctl.schema import SchemaError
+
+    with pytest.raises(SchemaError) as e:
+        load_config(overrides)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(overrides[-1] + " is invalid") and allowed in msg
+
+
+def test_every_experiment_composes_on_every_model():
+    for model in group_options("model"):
+        for exp in group_options("experiment"):
+            load_config([f"model={model}", f"experiment={exp}"])

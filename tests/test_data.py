@@ -76,3 +76,40 @@ def test_no_stand_in_and_no_hub(compose, monkeypatch):
     monkeypatch.setattr(D, "hub_reachable", lambda: False)
     with pytest.raises(D.DataError, match="no embedded stand-in"):
         D.load_pairs(compose("data=multinews").data)
+
+
+@pytest.mark.parametrize("name", ["binary.txt", "binary.jsonl"])
+def test_a_binary_data_file_is_one_line_naming_it(compose, tmp_path, name):
+    """Was a UnicodeDecodeError traceback."""
+    path = tmp_path / name
+    path.write_bytes(b'{"text": "fine"}\n' + bytes(range(128, 256)))
+    with pytest.raises(D.DataError) as e:
+        D.load_texts(compose(f"data.path={path}").data)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "not UTF-8" in msg and "line 2" in msg
+
+
+def test_a_data_file_row_that_is_not_an_object_or_a_folder_is_one_line(compose, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "ok"}\n[1, 2]\n')
+    with pytest.raises(D.DataError, match=r"rows.jsonl: row 2 lacks field\(s\) text"):
+        D.load_texts(compose(f"data.path={rows}").data)
+    rows.write_text('{"text": 5}\n')
+    with pytest.raises(D.DataError, match=r"row 1 lacks field\(s\) text"):
+        D.load_texts(compose(f"data.path={rows}").data)
+    folder = tmp_path / "dir.txt"
+    folder.mkdir()
+    with pytest.raises(D.DataError, match="is not a file"):
+        D.load_texts(compose(f"data.path={folder}").data)
+
+
+def test_local_text_keeps_its_text_and_universal_newlines(compose, tmp_path):
+    """Reading bytes (to name a bad one) must not change what a good file gives."""
+    p = tmp_path / "t.txt"
+    p.write_bytes("caf\u00e9 line one\r\nline two\rthree\n".encode())
+    assert D.load_texts(compose(f"data.path={p}").data).items == [
+        "caf\u00e9 line one\nline two\nthree\n"
+    ]
+    j = tmp_path / "t.jsonl"
+    j.write_bytes(b'{"text": "a\\u2028b \xe2\x80\xa8 c"}\r\n\r\n{"text": "d"}\n')
+    assert D.load_texts(compose(f"data.path={j}").data).items == ["a\u2028b \u2028 c", "d"]

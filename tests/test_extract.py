@@ -133,6 +133,25 @@ def test_disk_estimate_and_bad_dtype(smoke, compose):
     assert E.bytes_needed(1, 1, geo, torch.float16) == 30 * 15 * 64 * 2
 
 
+def test_a_full_disk_is_one_line_in_units_that_fit(smoke, monkeypatch):
+    """Was "needs 0.00 GiB but has 0.00 GiB free"."""
+    import shutil
+    from collections import namedtuple
+
+    overrides, cfg = smoke
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(2**30, 2**30 - 4096, 4096))
+    with pytest.raises(Exception) as e:
+        E.run(cfg, log=lambda *_: None)
+    geo = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16}
+    need = E.bytes_needed(24, 64, geo, torch.float32)  # experiment=smoke: 24 x 64 tokens
+    assert need == 2 * (4 + 2 * 2) * 16 * 24 * 64 * 4 == 1.5 * 2**20
+    assert str(e.value) == (
+        f"extraction needs 1.50 MiB but {E.extraction_dir(cfg)} has 4.00 KiB free; "
+        "lower extract.tokens or set extract.dir"
+    )
+
+
 def test_cli_extract_records_run(smoke):
     overrides, cfg = smoke
     res = CliRunner().invoke(app, ["extract", *overrides])

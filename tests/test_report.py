@@ -186,3 +186,36 @@ def test_full_is_never_matched_across_evaluation_settings(compose, tmp_path):
     same.finish()
     line = next(x for x in write_report(tmp_path).read_text().splitlines() if "| 32 | h2o" in x)
     assert "10.000" in line and "0.500" in line
+
+
+def test_a_run_folder_that_cannot_be_read_is_skipped_with_one_warning(compose, tmp_path, capsys):
+    """A truncated meta.json (or rows.jsonl) was a traceback that lost the whole report."""
+    cfg = compose(f"results_dir={tmp_path}")
+    good = start_run(cfg, "eval", [])
+    good.add_rows(_rows(32, [10.0, 30.0, 20.0, 15.0, 25.0]))
+    good.finish()
+    text = write_report(tmp_path).read_text()
+    broken = []
+    for name in ("meta.json", "rows.jsonl"):
+        run = start_run(cfg, "eval", [])
+        run.add_rows(_rows(32, [99.0, 99.0, 99.0, 99.0, 99.0]))
+        run.finish()
+        f = run.path / name
+        f.write_bytes(f.read_bytes()[:-7])  # cut mid-line
+        broken.append(f)
+    capsys.readouterr()
+    assert write_report(tmp_path).read_text() == text  # the readable run alone, as before
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(warned) == 2, warned
+    for f, line in zip(broken, warned, strict=True):
+        assert line.startswith("warning: skipped a run folder: ") and str(f) in line
+
+
+def test_report_on_a_missing_results_folder_is_one_line(tmp_path):
+    import pytest
+
+    from lessctl.errors import LessctlError
+
+    with pytest.raises(LessctlError, match=r"results_dir='.*/nowhere' is not a folder; allowed"):
+        write_report(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()

@@ -45,6 +45,7 @@ from lessctl.bench.memory import in_fresh_process, peak_memory, reset_peak, retu
 from lessctl.bench.paired import interleaved, ratio, throughput_ratio
 from lessctl.cache import native
 from lessctl.errors import LessctlError
+from lessctl.method_names import BENCH_METHODS
 from lessctl.models import attention_geometry
 from lessctl.policies.budget import build_policy
 from lessctl.stats import Estimate
@@ -60,7 +61,6 @@ __all__ = [
     "run",
 ]
 
-BENCH_METHODS = ("full", "baseline", "less")
 METRICS = (
     "latency_ms",
     "tokens_per_s",

@@ -63,12 +63,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from lessctl.errors import InputError
+from lessctl.schema import Rule
 
 POLICIES: dict[str, type[Policy]] = {}
 
@@ -143,10 +145,13 @@ class Policy:
 
     ``name``: registry key. ``budget``: total kept tokens ``n`` per (b, h_kv), or ``None`` for
     "never evict" (``full``). ``accumulates``: the online cache must keep ``acc_scores``
-    (H2O). ``needs_probs``: ``select_evict`` reads ``probs_now`` (TOVA).
+    (H2O). ``needs_probs``: ``select_evict`` reads ``probs_now`` (TOVA). ``config_keys``: the
+    policy's own keys in ``conf/policy/<name>.yaml`` besides ``name`` and ``budget`` (key ->
+    :data:`lessctl.schema.Rule`), checked when the config is loaded.
     """
 
     name: ClassVar[str]
+    config_keys: ClassVar[Mapping[str, Rule]] = {}
     accumulates: ClassVar[bool] = False
     needs_probs: ClassVar[bool] = False
     budget: int | None  # a dataclass field or a property in each subclass

@@ -24,7 +24,9 @@ For snapkv the budget splits into ``window`` (an int: tokens; a float in (0, 1):
 ``window <= total - 1``; with ``pool_across_window`` the window counts the decoded token:
 ``heavy = total - window``, ``window <= total``.
 Bad values raise a one-line InputError (a LessctlError and a ValueError) naming the value
-and what is allowed.
+and what is allowed. The keys' types and ranges are also checked when the config is loaded
+(:func:`config_keys`: ``BUDGET_KEYS`` plus the policy class's own ``config_keys``); what depends
+on the resolved budget (``sink < budget``, ``window <= budget``) is checked here.
 """
 
 from __future__ import annotations
@@ -34,8 +36,27 @@ from typing import Any
 
 from lessctl.errors import InputError
 from lessctl.policies.base import POLICIES, Policy, get_policy
+from lessctl.schema import Rule, any_of, int_at_least, number, one_of
 
 REFERENCES = ("max_position_embeddings", "sequence")
+BUDGET_KEYS: dict[str, Rule] = {
+    "budget.size": any_of(
+        (int_at_least(1)[0], "an int >= 1 (tokens)"),
+        (number(0.0, 1.0, True, True)[0], "a float in (0, 1) (fraction of budget.of)"),
+    ),
+    "budget.of": one_of(*REFERENCES),
+}
+
+
+def config_keys(name: Any) -> dict[str, Rule]:
+    """The keys of policy ``name``'s config and their rules (``lessctl.schema``): ``name``, the
+    budget (every policy but ``full``) and the class's own ``config_keys``."""
+    keys: dict[str, Rule] = {"name": one_of(*sorted(POLICIES))}
+    if name not in POLICIES:
+        return keys
+    if name != "full":
+        keys.update(BUDGET_KEYS)
+    return {**keys, **POLICIES[name].config_keys}
 
 
 def _fraction_or_tokens(size: Any) -> None:

@@ -16,6 +16,7 @@ The score is H2O's accumulated attention, a sum over rows; kvpress's ``ObservedA
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lessctl.policies.base import Policy, register
+from lessctl.schema import Rule, number
 
 
 @register
@@ -33,6 +35,7 @@ class H2O(Policy):
     heavy: int = 32
     recent: int = 32
     name: ClassVar[str] = "h2o"
+    config_keys: ClassVar[Mapping[str, Rule]] = {"heavy_ratio": number(0.0, 1.0)}
     accumulates: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ its own position (StreamingLLM re-positions the keys inside its cache).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lessctl.policies.base import Policy, register
+from lessctl.schema import Rule, int_at_least
 
 
 def window_evict_at(k: Tensor, sink: int, recent: int) -> Tensor:
@@ -44,6 +46,7 @@ class LambdaMask(Policy):
     sink: int = 4
     recent: int = 64
     name: ClassVar[str] = "lambda"
+    config_keys: ClassVar[Mapping[str, Rule]] = {"sink": int_at_least(0)}
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.recent < 1:

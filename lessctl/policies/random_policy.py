@@ -6,6 +6,7 @@ position; the batch index does not enter).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lessctl.policies.base import Policy, register
+from lessctl.schema import Rule, int_at_least
 
 _M32 = 0xFFFFFFFF
 
@@ -48,6 +50,7 @@ class RandomPolicy(Policy):
     budget: int = 64  # type: ignore[misc]
     seed: int = 0
     name: ClassVar[str] = "random"
+    config_keys: ClassVar[Mapping[str, Rule]] = {"seed": int_at_least(0)}
 
     def __post_init__(self) -> None:
         if self.budget < 1:

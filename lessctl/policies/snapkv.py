@@ -44,6 +44,7 @@ Both faces share :meth:`SnapKV.accumulate`; the parallel face is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -53,6 +54,7 @@ from torch import Tensor
 
 from lessctl.errors import InputError
 from lessctl.policies.base import Policy, register
+from lessctl.schema import BOOL, Rule, any_of, int_at_least, number, odd_int, one_of
 
 POOLINGS = ("avg", "max")
 
@@ -85,6 +87,12 @@ class SnapKV(Policy):
     earlier variant (module doc).
     """
 
+    config_keys: ClassVar[Mapping[str, Rule]] = {
+        "window": any_of(int_at_least(1), number(0.0, 1.0, lo_open=True, hi_open=True)),
+        "kernel": odd_int(),
+        "pooling": one_of(*POOLINGS),
+        "pool_across_window": BOOL,
+    }
     heavy: int = 32
     window: int = 32
     kernel: int = 5

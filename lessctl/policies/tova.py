@@ -23,6 +23,7 @@ Parallel face: :func:`~lessctl.policies.base.sequential_evict_at` (O(S * n * d))
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from lessctl.errors import InputError
 from lessctl.policies.base import Policy, register
+from lessctl.schema import BOOL, Rule
 
 
 @register
@@ -38,6 +40,7 @@ class TOVA(Policy):
     """Keep the ``budget`` keys the current query attends to most (module doc)."""
 
     budget: int = 64  # type: ignore[misc]
+    config_keys: ClassVar[Mapping[str, Rule]] = {"per_head": BOOL}
     per_head: bool = False
     name: ClassVar[str] = "tova"
     needs_probs: ClassVar[bool] = True

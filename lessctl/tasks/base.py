@@ -8,7 +8,10 @@ A task is
   run folder);
 - `context_tokens(cfg, max_position_embeddings) -> int`: the longest sequence the task feeds
   the model (prompt plus generated tokens), which a fractional `policy.budget.of=sequence`
-  refers to; it also refuses settings that exceed the model, in one line.
+  refers to; it also refuses settings that exceed the model, in one line;
+- `keys`: the task's own keys in `conf/task/<name>.yaml` besides `name` (key ->
+  `lessctl.schema.Rule`), checked when the config is loaded; the task's code checks what
+  depends on several keys or on the model.
 
 `lessctl eval task=<name>` picks a task by its `conf/task/<name>.yaml` (which sets
 `task.name` and the task's own keys); without `task`, the data kind decides as before
@@ -18,13 +21,14 @@ A task is
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig
 
 from lessctl.errors import LessctlError
+from lessctl.schema import Rule
 
 Rows = list[dict[str, Any]]
 RunFn = Callable[..., Rows]  # (cfg, model, tokenizer, methods, run_dir, log) -> rows
@@ -35,18 +39,24 @@ class Task:
     name: str
     run: RunFn
     context_tokens: Callable[[DictConfig, int], int]
+    keys: Mapping[str, Rule] = field(default_factory=dict)
 
 
 TASKS: dict[str, Task] = {}
 
 
-def register(name: str, context_tokens: Callable[[DictConfig, int], int]):
-    """Decorator: register `run(cfg, model, tokenizer, methods, run_dir, log)` as task `name`."""
+def register(
+    name: str,
+    context_tokens: Callable[[DictConfig, int], int],
+    keys: Mapping[str, Rule] | None = None,
+):
+    """Decorator: register `run(cfg, model, tokenizer, methods, run_dir, log)` as task `name`
+    with its own config `keys` (module doc)."""
 
     def wrap(fn: RunFn) -> RunFn:
         if name in TASKS and TASKS[name].run is not fn:
             raise ValueError(f"task {name!r} registered twice")
-        TASKS[name] = Task(name, fn, context_tokens)
+        TASKS[name] = Task(name, fn, context_tokens, dict(keys or {}))
         return fn
 
     return wrap

@@ -14,9 +14,11 @@ from omegaconf import DictConfig
 
 from lessctl.errors import LessctlError
 from lessctl.methods import Method
+from lessctl.schema import int_at_least
 from lessctl.tasks import haystack
 from lessctl.tasks.base import register
 from lessctl.tasks.longcontext import (
+    GRID_KEYS,
     Sample,
     check_lengths,
     encode,
@@ -94,7 +96,15 @@ def make_samples(cfg: DictConfig, tokenizer) -> tuple[list[Sample], str]:
     return out, source
 
 
-@register("common_words", context_tokens=check_lengths)
+KEYS = {
+    **GRID_KEYS,
+    "common": int_at_least(1),
+    "common_freq": int_at_least(1),
+    "uncommon_freq": int_at_least(1),
+}
+
+
+@register("common_words", context_tokens=check_lengths, keys=KEYS)
 def run(cfg: DictConfig, model, tokenizer, methods: list[Method], run_dir: Path, log=print):
     samples, source = make_samples(cfg, tokenizer)
     return run_samples(

@@ -42,10 +42,18 @@ from lessctl.atomic import write_jsonl_atomic
 from lessctl.decoding import generate
 from lessctl.errors import LessctlError
 from lessctl.methods import Method
+from lessctl.schema import Rule, int_at_least, list_of, number, one_of
 from lessctl.shards import config_hash
 from lessctl.tasks.reuse import PARTIAL, method_digest, records
 
 QUESTION_POSITIONS = ("after", "before", "end")
+GRID_KEYS: dict[str, Rule] = {  # the config keys every generated-sample task shares
+    "lengths": list_of(int_at_least(1)),
+    "samples": int_at_least(1),
+    "question": one_of(*QUESTION_POSITIONS),
+    "max_new_tokens": int_at_least(1),
+}
+DEPTHS: Rule = list_of(number(0.0, 1.0))
 
 
 @dataclass

@@ -22,8 +22,9 @@ from omegaconf import DictConfig
 
 from lessctl.errors import LessctlError
 from lessctl.methods import Method
+from lessctl.schema import one_of
 from lessctl.tasks.base import register
-from lessctl.tasks.longcontext import Sample, encode, run_samples, specials
+from lessctl.tasks.longcontext import GRID_KEYS, Sample, encode, run_samples, specials
 
 COLUMNS = ("context", "question", "answer")
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
@@ -123,7 +124,14 @@ def max_tokens(cfg: DictConfig, max_pos: int) -> int:
     return max_pos
 
 
-@register("longctx", context_tokens=max_tokens)
+KEYS = {
+    "question": GRID_KEYS["question"],
+    "match": one_of(*MATCHES),
+    "max_new_tokens": GRID_KEYS["max_new_tokens"],
+}
+
+
+@register("longctx", context_tokens=max_tokens, keys=KEYS)
 def run(cfg: DictConfig, model, tokenizer, methods: list[Method], run_dir: Path, log=print):
     max_pos = model.config.max_position_embeddings
     samples, skipped, path = make_samples(cfg, tokenizer, max_pos)

@@ -18,9 +18,17 @@ from omegaconf import DictConfig
 
 from lessctl.errors import LessctlError
 from lessctl.methods import Method
+from lessctl.schema import int_at_least, one_of
 from lessctl.tasks import haystack
 from lessctl.tasks.base import register
-from lessctl.tasks.longcontext import Sample, check_lengths, run_samples, sample_seed
+from lessctl.tasks.longcontext import (
+    DEPTHS,
+    GRID_KEYS,
+    Sample,
+    check_lengths,
+    run_samples,
+    sample_seed,
+)
 
 INTRO = (
     "Some special magic numbers are hidden within the following text. Make sure to memorize "
@@ -108,7 +116,18 @@ def variant(cfg: DictConfig) -> str:
     return f"needle/k{int(t.num_keys)}v{int(t.num_values)}q{int(t.num_queries)}"
 
 
-@register("needle", context_tokens=check_lengths)
+KEYS = {
+    **GRID_KEYS,
+    "depths": DEPTHS,
+    "num_keys": int_at_least(1),
+    "num_values": int_at_least(1),
+    "num_queries": int_at_least(1),
+    "key_type": one_of(*KEY_TYPES),
+    "value_digits": int_at_least(1),
+}
+
+
+@register("needle", context_tokens=check_lengths, keys=KEYS)
 def run(cfg: DictConfig, model, tokenizer, methods: list[Method], run_dir: Path, log=print):
     samples, source = make_samples(cfg, tokenizer)
     return run_samples(

@@ -14,9 +14,17 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from lessctl.methods import Method
+from lessctl.schema import int_at_least
 from lessctl.tasks import haystack
 from lessctl.tasks.base import register
-from lessctl.tasks.longcontext import Sample, check_lengths, run_samples, sample_seed
+from lessctl.tasks.longcontext import (
+    DEPTHS,
+    GRID_KEYS,
+    Sample,
+    check_lengths,
+    run_samples,
+    sample_seed,
+)
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -57,7 +65,10 @@ def make_samples(cfg: DictConfig, tokenizer) -> list[Sample]:
     return out
 
 
-@register("passkey", context_tokens=check_lengths)
+KEYS = {**GRID_KEYS, "depths": DEPTHS, "digits": int_at_least(1)}
+
+
+@register("passkey", context_tokens=check_lengths, keys=KEYS)
 def run(cfg: DictConfig, model, tokenizer, methods: list[Method], run_dir: Path, log=print):
     samples = make_samples(cfg, tokenizer)
     source = f"generated:passkey/{int(cfg.task.digits)}digits"

@@ -14,9 +14,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from lessctl.methods import Method
+from lessctl.schema import int_at_least
 from lessctl.tasks import haystack
 from lessctl.tasks.base import register
-from lessctl.tasks.longcontext import Sample, check_lengths, run_samples, sample_seed
+from lessctl.tasks.longcontext import GRID_KEYS, Sample, check_lengths, run_samples, sample_seed
 
 INTRO = "Memorize and track the chain(s) of variable assignment hidden in the following text."
 
@@ -72,7 +73,10 @@ def make_samples(cfg: DictConfig, tokenizer) -> list[Sample]:
     return out
 
 
-@register("variable_tracking", context_tokens=check_lengths)
+KEYS = {**GRID_KEYS, "chains": int_at_least(1), "hops": int_at_least(0)}
+
+
+@register("variable_tracking", context_tokens=check_lengths, keys=KEYS)
 def run(cfg: DictConfig, model, tokenizer, methods: list[Method], run_dir: Path, log=print):
     t = cfg.task
     source = f"generated:variable_tracking/c{int(t.chains)}h{int(t.hops)}"
