@@ -188,3 +188,29 @@ def test_triton_step_modes(monkeypatch, caplog):
     finally:
         triton_step._state.clear()
         triton_step._state.update(saved)
+
+
+def test_a_stage_records_triton_step_and_refuses_always_on_cpu(compose, tmp_path, capsys):
+    """Run meta says triton_step's status; triton_step=always on a CPU device is a one-line
+    error at the stage's start, before any run folder; the mode is restored after a stage."""
+    import json
+
+    import typer
+
+    from lessctl.cli import _stage_run
+
+    before = triton_step.mode()
+    with pytest.raises(LessctlError, match="triton_step='fast' is invalid; allowed: auto, always"):
+        compose("triton_step=fast")
+    cfg = compose("model=tiny-random", "device=cpu", "triton_step=never", f"results_dir={tmp_path}")
+    with _stage_run("eval", [], cfg) as run:
+        assert triton_step.mode() == "never"
+    meta = json.loads((run.path / "meta.json").read_text())
+    assert meta["triton_step"] == "disabled" and "native_step" in meta
+    cfg = compose(
+        "model=tiny-random", "device=cpu", "triton_step=always", f"results_dir={tmp_path}"
+    )
+    with pytest.raises(typer.Exit) as err, _stage_run("eval", [], cfg):
+        pass
+    assert err.value.exit_code == 2
+    assert triton_step.mode() == before
