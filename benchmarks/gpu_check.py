@@ -5,7 +5,8 @@ and the commit; nothing here has run on a GPU yet.
     python benchmarks/gpu_check.py [--cpu] [--budget-s 450] [--contexts 1024,8192,32768]
 
 Steps, each within what is left of the budget (a step that cannot start in time writes a
-``skipped`` row saying so):
+``skipped`` row saying so; one that fails writes an ``error`` row, the others still run, and
+the exit code is 1):
 
 1. ``pytest -m cuda`` (tests/test_cuda.py): counts of passed, failed and skipped tests;
 2. the decode bench (benchmarks/bench_decode_gpu.py's config) at a Llama-2-7B geometry with
@@ -13,7 +14,7 @@ Steps, each within what is left of the budget (a step that cannot start in time 
    with intervals), cache bytes and peak memory, throughput at equal memory against Full; and
    a chunked prefill of 32k tokens (LESS) against a 1k prompt's peak memory;
 3. the Triton LESS step against the torch path at the 7B layer's shapes (``step_breakdown``:
-   the fused call vs features + update + read, and the whole step);
+   the fused call vs features + update + read, and the whole step; run before the bench);
 4. online training throughput: a hook that runs only where the config knows ``train.source``
    (online training has not landed here), else a ``skipped`` row.
 
@@ -108,24 +109,34 @@ def run_pytest(rows: Rows, out: Path, limit_s: float) -> None:
     rows.add("pytest", "exit_code", done.returncode)
 
 
-def bench_config(args, cuda: bool):
+def bench_contexts(args, cuda: bool) -> list[int]:
+    return [int(c) for c in (args.contexts or ("1024,8192,32768" if cuda else "64,128")).split(",")]
+
+
+def bench_config(args, cuda: bool, only: int | None = None):
+    """The bench's config -> (cfg, contexts, the least context); ``only``: the config for that
+    context alone (the check runs one context at a time, so that a run cut short by its budget
+    keeps the contexts it finished): its decode rows and interleaved ratios, throughput at
+    equal memory at the middle context, the big chunked prefill with the least context."""
     from bench_decode_gpu import DEFAULTS, GEOMETRIES
 
     from lessctl.config import load_config
 
-    contexts = args.contexts or ("1024,8192,32768" if cuda else "64,128")
-    ctx = [int(c) for c in contexts.split(",")]
+    ctx = bench_contexts(args, cuda)
     lo, hi = min(ctx), max(ctx)
     mid = sorted(ctx)[len(ctx) // 2]
+    big = 32768 if cuda else 4 * hi
+    here = ctx if only is None else [only]
+    csv = lambda xs: ",".join(str(x) for x in xs)  # noqa: E731
     over = [*GEOMETRIES["llama2-7b"], *DEFAULTS] if cuda else ["device=cpu", "dtype=float32"]
     over += [
         "policy=lambda",
         f"policy.budget.size={256 if cuda else 16}",
-        f"bench.contexts=[{contexts}]",
+        f"bench.contexts=[{csv(here)}]",
         f"bench.full_max_context={hi}",
-        f"bench.paired_contexts=[{contexts}]",
-        f"bench.throughput_contexts=[{mid}]",
-        f"bench.prefill_contexts=[{32768 if cuda else 4 * hi}]",
+        f"bench.paired_contexts=[{csv(here)}]",
+        f"bench.throughput_contexts=[{csv([c for c in here if c == mid])}]",
+        f"bench.prefill_contexts=[{csv([big] if lo in here else [])}]",
         f"bench.prefill_chunk={4096 if cuda else 32}",
         f"bench.steps={args.steps or (16 if cuda else 2)}",
         f"bench.warmup={3 if cuda else 1}",
@@ -133,13 +144,10 @@ def bench_config(args, cuda: bool):
         "bench.breakdown=false",
     ]
     if cuda:
-        over.append(f"model.max_position_embeddings={max(hi, 32768)}")
+        over.append(f"model.max_position_embeddings={max(hi, big)}")
     else:
-        over += [
-            "bench.memory_cap_mb=1",
-            "bench.max_batch=4",
-            f"model.max_position_embeddings={4 * hi}",
-        ]
+        over += ["bench.memory_cap_mb=1", "bench.max_batch=2"]
+        over.append(f"model.max_position_embeddings={big}")
     return load_config(["model=tiny-random", *over]), ctx, lo
 
 
@@ -156,29 +164,30 @@ def load_bench_model(cfg, device):
     return model.eval(), tok
 
 
-def run_bench(rows: Rows, cfg, model, tok, ctx_lo: int) -> None:
+def run_bench(rows: Rows, args, cuda: bool, model, tok, left) -> None:
+    """The decode bench one context at a time (:func:`bench_config`), rows written after each;
+    a context that cannot start in time gets a ``skipped`` row; then the prefill ratio."""
     from lessctl import bench
 
-    got = bench.run(cfg, model, tok, log=lambda line: print("   bench", line, flush=True))
     prefill = {}
-    for r in got:
-        keep = {k: r.get(k) for k in ("method", "context", "batch_size", "native_step")}
-        keep["triton_step"] = r.get("triton_step")
-        keep["samples_ms"] = r.get("samples_ms")
-        rows.add("bench", r["metric"], r["value"], **keep)
-        if r["metric"] == "prefill_peak_mem_bytes" and r["method"] == "less":
-            prefill[int(r["context"])] = r["value"]
-    for line in bench.summary(got):
-        print("   bench", line)
-    if ctx_lo in prefill and max(prefill) > ctx_lo:
+    ctx = bench_contexts(args, cuda)
+    for c in ctx:
+        if left() < 30:
+            rows.add("bench", "skipped", f"context {c}: {left():.0f}s left of the budget")
+            continue
+        cfg, _, lo = bench_config(args, cuda, only=c)
+        got = bench.run(cfg, model, tok, log=lambda line: print("   bench", line, flush=True))
+        for r in got:
+            keep = {k: r.get(k) for k in ("method", "context", "batch_size", "native_step")}
+            keep |= {"triton_step": r.get("triton_step"), "samples_ms": r.get("samples_ms")}
+            rows.add("bench", r["metric"], r["value"], **keep)
+            if r["metric"] == "prefill_peak_mem_bytes" and r["method"] == "less":
+                prefill[int(r["context"])] = r["value"]
+    lo = min(ctx)
+    if lo in prefill and max(prefill) > lo:
         big = max(prefill)
-        rows.add(
-            "prefill",
-            f"peak_mem_ratio_{big}_over_{ctx_lo}",
-            prefill[big] / prefill[ctx_lo],
-            method="less",
-            context=big,
-        )
+        ratio = prefill[big] / prefill[lo]
+        rows.add("prefill", f"peak_mem_ratio_{big}_over_{lo}", ratio, method="less", context=big)
 
 
 def run_triton_vs_torch(rows: Rows, cfg, device, cuda: bool) -> None:
@@ -257,7 +266,7 @@ def main(argv=None) -> int:
     rows = Rows(out, {"dry_run": args.cpu, **provenance(device)})
     skip = set(filter(None, args.skip.split(",")))
     left = lambda: t_end - time.monotonic()  # noqa: E731
-    cfg, _, ctx_lo = bench_config(args, cuda)
+    cfg, _, _ = bench_config(args, cuda)
     from lessctl.cache import native, triton_step
 
     triton_step.configure("auto" if cuda else "always")
@@ -268,15 +277,15 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         model, tok = load_bench_model(cfg, device)
         rows.add("bench", "model_load_s", time.monotonic() - t0)
-        run_bench(rows, cfg, model, tok, ctx_lo)
+        run_bench(rows, args, cuda, model, tok, left)
         del model
         if cuda:
             torch.cuda.empty_cache()
 
-    steps = {
+    steps = {  # the short ones first: the bench takes what is left
         "pytest": lambda: run_pytest(rows, out, max(left() * 0.3, 10.0)),
-        "bench": bench_step,
         "triton": lambda: run_triton_vs_torch(rows, cfg, device, cuda),
+        "bench": bench_step,
         "train": lambda: run_training_hook(rows, cfg, max(left(), 10.0)),
     }
     failed = 0

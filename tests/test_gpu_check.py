@@ -22,7 +22,7 @@ def test_gpu_check_dry_run_writes_every_step(tmp_path):
         "PYTHONPATH": str(ROOT),
     }
     env.pop("TRITON_INTERPRET", None)  # the dry run sets it in its own process
-    cmd = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu", "--contexts", "24,32"]
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu", "--contexts", "24"]
     done = subprocess.run(
         [*cmd, "--steps", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
@@ -42,7 +42,7 @@ def test_gpu_check_dry_run_writes_every_step(tmp_path):
     assert {r["method"] for r in bench if r["metric"] == "equal_memory_tokens_per_s"} >= {"less"}
     less = [r for r in bench if r["method"] == "less" and r["metric"] == "latency_ms"]
     assert less and all(r["triton_step"] is True for r in less)  # the Triton step, interpreted
-    assert ("prefill", "peak_mem_ratio_128_over_24") in got
+    assert ("prefill", "peak_mem_ratio_96_over_24") in got
     paths = {(r["path"], r["metric"]) for r in rows if r["check"] == "step"}
     assert {("triton", "state_us"), ("torch", "features_us"), ("torch", "total_us")} <= paths
     assert ("train", "skipped") in got and ("done", "wall_s") in got
@@ -62,3 +62,8 @@ def test_gpu_run_config_composes():
     assert list(cfg.bench.prefill_contexts) == [32768] and cfg.dtype == "bfloat16"
     assert cfg.model.hidden_size == 4096 and cfg.model.num_hidden_layers == 32
     assert cfg.device == "cuda" and cfg.model.max_position_embeddings >= 32768
+    # one context at a time: the big prefill with the least, equal memory at the middle one
+    one = {c: gpu_check.bench_config(gpu_check.parse_args([]), True, only=c)[0] for c in ctx}
+    assert [list(one[c].bench.paired_contexts) for c in ctx] == [[c] for c in ctx]
+    assert [list(one[c].bench.prefill_contexts) for c in ctx] == [[32768], [], []]
+    assert [list(one[c].bench.throughput_contexts) for c in ctx] == [[], [8192], []]
