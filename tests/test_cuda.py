@@ -107,6 +107,8 @@ def test_compiled_steady_step_cuda(fused_modes):
     layer, rows = _steady_layer(LAMBDA, torch.float32)
     compiled = torch.compile(steady_step, fullgraph=True, dynamic=False)
     eager, comp = layer.store, copy.deepcopy(layer.store)
+    for store in (eager, comp):  # views of each copy's own buffers (tests/test_cache_step.py)
+        store.pack(None, 2, True)
     args = (LAMBDA, layer.frozen, None, None, None)
     with torch.no_grad():
         for i in range(3):
