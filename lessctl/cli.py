@@ -137,7 +137,7 @@ def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> It
     launcher handles SIGTERM itself), `failed` when it raises (or exits with an error)."""
     import torch
 
-    from lessctl.cache import native
+    from lessctl.cache import native, triton_step
     from lessctl.config import resolve_device
     from lessctl.runs import start_run
 
@@ -145,6 +145,7 @@ def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> It
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
     native_mode = native.configure(cfg.get("native_step", "auto"))
+    triton_mode = triton_step.configure(cfg.get("triton_step", "auto"))
     # only the main thread may set handlers; one set by a launcher (submitit) is left alone
     mine = (
         threading.current_thread() is threading.main_thread()
@@ -156,6 +157,8 @@ def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> It
         device = run_stage(resolve_device, cfg.device)
         if native.mode() == "always":  # a failed build is an error now, not at a decode step
             run_stage(native.less_step_op)
+        if triton_step.mode() == "always":  # no Triton or no GPU: an error now
+            run_stage(triton_step.less_step_op, device)
         run = run_stage(start_run, cfg, command, overrides or [], device=str(device))
         try:
             yield run
@@ -169,15 +172,17 @@ def _stage_run(command: str, overrides: list[str] | None, cfg: DictConfig) -> It
     finally:
         torch.set_num_threads(threads)  # in-process callers keep theirs
         native.configure(native_mode)
+        triton_step.configure(triton_mode)
         if mine:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _finish(run: Run, status: str) -> None:
-    """Mark the run folder, with whether this process built the C++ LESS step."""
-    from lessctl.cache import native
+    """Mark the run folder, with whether this process built the C++ LESS step and loaded the
+    Triton one (or why not)."""
+    from lessctl.cache import native, triton_step
 
-    run.update_meta(native_step=native.status())
+    run.update_meta(native_step=native.status(), triton_step=triton_step.status())
     run.finish(status)
 
 

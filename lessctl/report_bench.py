@@ -146,6 +146,8 @@ def bench_sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
         }.get(frozenset(used))
         if say:
             out += [f"LESS's steady steps ran {say} (`native_step`).", ""]
+    if "triton_step" in d and bool(d.loc[d["method"] == "less", "triton_step"].dropna().any()):
+        out += ["LESS's steady steps ran the Triton kernel on the GPU (`triton_step`).", ""]
     dec = w[w.get("latency_ms").notna()] if "latency_ms" in w else w[:0]
     if not dec.empty:
         t = dec[["method", "policy", "budget", "batch_size", "context"]].copy()

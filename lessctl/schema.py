@@ -123,6 +123,7 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("device", DEVICE),
         ("threads", optional(int_at_least(1))),
         ("native_step", one_of("auto", "always", "never")),
+        ("triton_step", one_of("auto", "always", "never")),
         ("dtype", one_of("auto", "float32", "bfloat16", "float16")),
         ("extract.tokens", int_at_least(1)),
         ("extract.seq_len", int_at_least(2)),

@@ -125,6 +125,7 @@ def test_bench_rows_and_cache_bytes_in_one_process(compose, tiny_model):
     less_rows = [r for r in rows if r["method"] == "less" and r["metric"] == "latency_ms"]
     assert less_rows and all(r["native_step"] is True for r in less_rows)
     assert all(r["native_step"] is None for r in rows if r["method"] != "less")
+    assert all(r["triton_step"] is False for r in less_rows)  # a CPU run: no Triton step
     assert eq["less"]["native_step"] is (eq["less"]["batch_size"] <= native.MAX_BATCH)
     assert any("less/baseline" in line for line in lines)
     assert any("prefill less context 512" in line for line in lines)

@@ -117,7 +117,8 @@ def _check(cfg: DictConfig, model, names: list[str], context: int) -> None:
 
 def run(cfg: DictConfig, model, tokenizer, log=print) -> list[dict[str, Any]]:
     """Rows {task: bench, model, method, policy, budget, context, batch_size, prefill_chunk,
-    kernels, trained_budget, transfer, native_step, metric, value} (module doc)."""
+    kernels, trained_budget, transfer, native_step, triton_step, metric,
+    value} (module doc)."""
     b = cfg.bench
     names = list(b.methods)
     bad = [n for n in names if n not in BENCH_METHODS]
@@ -168,6 +169,7 @@ def run(cfg: DictConfig, model, tokenizer, log=print) -> list[dict[str, Any]]:
                         **base,
                         "batch_size": fit,
                         "native_step": m.get("eq_native_step", base["native_step"]),
+                        "triton_step": m.get("eq_triton_step", base["triton_step"]),
                         "metric": "equal_memory_tokens_per_s",
                         "value": tps,
                         "samples_ms": ms,
@@ -196,6 +198,7 @@ def _columns(cfg: DictConfig, name: str, context: int, batch: int, budget, cols:
         "trained_budget": None,
         "transfer": None,
         "native_step": None,  # less: whether its steps ran the C++ LESS step (cache/native.py)
+        "triton_step": None,  # less: whether they ran the Triton one (cache/triton_step.py)
         **cols,
     }
 

@@ -1,7 +1,8 @@
 """Where a steady decode step's time goes, per phase of :func:`~lessctl.cache.step.steady_step`:
 the policy's choice, the feature maps (log phi of the query, psi of the freed key), the state
 update (fold, release), writing the new key, the state read (the virtual keys' logits) and the
-attention; where the layer runs the C++ LESS step (:mod:`lessctl.cache.native`), its one call
+attention; where the layer runs the C++ LESS step (:mod:`lessctl.cache.native`) or the Triton one
+(:mod:`lessctl.cache.triton_step`), its one call
 (``state``: features, update and read together) instead of those three. Each phase is timed
 alone on a copy of one layer's packed store (median over repetitions; a phase that works in
 place repeats on the same buffers: the state's repetitions leave its buffers meaningless, and
@@ -77,7 +78,7 @@ def step_breakdown(layer: EvictingLayer, num_heads: int, reps: int = 50) -> dict
     lr = feats = state = None
     single = one_call(policy, softcap)
     at = slot_index(slot, s)
-    native = layer.native
+    native = layer.native if layer.native is not None else getattr(layer, "triton", None)
     if s.state is not None and native is not None:
         absorb = not (window is not None and window <= policy.budget)
 

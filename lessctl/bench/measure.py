@@ -13,7 +13,7 @@ from transformers.cache_utils import DynamicCache
 
 from lessctl.bench.breakdown import step_breakdown
 from lessctl.bench.memory import peak_memory, reset_peak
-from lessctl.cache import EvictingCache, cache_nbytes, prefill, running
+from lessctl.cache import EvictingCache, cache_nbytes, prefill, running, triton_step
 from lessctl.cache.native import less_step_op
 from lessctl.errors import LessctlError
 from lessctl.hooks import check_supported
@@ -111,6 +111,11 @@ def native_used(cache) -> bool:
     return any(getattr(layer, "native", None) is not None for layer in cache.layers)
 
 
+def triton_used(cache) -> bool:
+    """Whether the cache's steady steps ran the Triton LESS step (lessctl/cache/triton_step.py)."""
+    return any(getattr(layer, "triton", None) is not None for layer in cache.layers)
+
+
 def random_prompt(cfg: DictConfig, model, batch: int, context: int) -> torch.Tensor:
     """The bench's prompt: token ids [batch, context] drawn from the vocabulary, seeded by
     ``cfg.seed`` (the same prompt for every method), on the model's device."""
@@ -140,6 +145,8 @@ def measure(
     cache, chunk = make_cache(model, name, policy, kernels, chunk)
     if device.type == "cpu":  # loaded (with its imports) in every method's process alike
         less_step_op()
+    elif device.type == "cuda":  # triton imported before anything is measured
+        triton_step.less_step_op(device)
     reset_peak(device)
     sync(device)
     t0 = time.perf_counter()
@@ -166,7 +173,7 @@ def measure(
     )
     lat = statistics.median(times) * 1e3
     if name == "less":
-        cols = {**cols, "native_step": native_used(cache)}
+        cols = {**cols, "native_step": native_used(cache), "triton_step": triton_used(cache)}
     values |= {
         "latency_ms": lat,
         "tokens_per_s": batch / (lat / 1e3),

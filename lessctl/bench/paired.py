@@ -21,7 +21,14 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from lessctl.bench.measure import bench_kernels, make_cache, native_used, random_prompt, sync
+from lessctl.bench.measure import (
+    bench_kernels,
+    make_cache,
+    native_used,
+    random_prompt,
+    sync,
+    triton_used,
+)
 from lessctl.cache import cache_nbytes, prefill, running
 from lessctl.models import attention_geometry
 from lessctl.policies.budget import build_policy
@@ -108,6 +115,7 @@ def interleaved(
     _rounds(model, caches, x, out, "ms", int(b.warmup), int(b.steps) if timed else 0, True)
     if "less" in caches:
         out["less"]["cols"]["native_step"] = native_used(caches["less"])
+        out["less"]["cols"]["triton_step"] = triton_used(caches["less"])
     if not equal_memory:
         return out
     for name in names:
@@ -120,6 +128,7 @@ def interleaved(
     _rounds(model, caches, x, out, "eq_ms", 2, int(b.steps), False)
     if "less" in caches:  # a batch past native.MAX_BATCH takes the torch path
         out["less"]["eq_native_step"] = native_used(caches["less"])
+        out["less"]["eq_triton_step"] = triton_used(caches["less"])
     return out
 
 

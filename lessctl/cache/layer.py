@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
-from lessctl.cache import native
+from lessctl.cache import native, triton_step
 from lessctl.cache.attend import rows_attention, sdpa_rows
 from lessctl.cache.driver import evict_row, release
 from lessctl.cache.step import steady_step
@@ -51,6 +51,7 @@ class EvictingLayer(CacheLayerMixin):
         self.first_evict: Tensor | None = None  # [B] row of the first eviction (accumulate)
         self.seen, self.pending, self.steady = 0, False, False
         self.native = None  # the C++ op of the steady step's state part (lessctl.cache.native)
+        self.triton = None  # its Triton counterpart on a GPU (lessctl.cache.triton_step)
         self.window: int | None = None
         self.softcap: float | None = None
         self.scale: float | None = None
@@ -172,7 +173,7 @@ class EvictingLayer(CacheLayerMixin):
                 scale,
                 window,
                 softcap,
-                self.native,
+                self.native if self.native is not None else self.triton,
             )
             self.seen += 1
             return out
@@ -271,5 +272,9 @@ class EvictingLayer(CacheLayerMixin):
         linear = self.frozen is not None and self.frozen.linear
         small = s.keys.device.type == "cpu" and s.keys.shape[0] <= native.MAX_BATCH
         self.native = native.less_step_op() if linear and small else None
-        s.pack(window - n if folds else None, group, linear, feature_rows=self.native is None)
+        self.triton = None  # CUDA (or Triton's interpreter on CPU where the C++ op does not run)
+        if linear and self.native is None:
+            self.triton = triton_step.less_step_op(s.keys.device)
+        fused = self.native is not None or self.triton is not None
+        s.pack(window - n if folds else None, group, linear, feature_rows=not fused)
         self.steady = True

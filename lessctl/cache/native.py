@@ -12,9 +12,11 @@ take the torch path, whose batched products then cost less.
 
 Config ``native_step`` (:func:`configure`): ``auto`` (default) uses it for learned kernels on CPU
 where it builds and falls back to the torch path with one warning where it does not; ``always``
-requires it (a failed build is an error); ``never`` never uses it. Elsewhere (CUDA, Performer
-kernels, a traced step) the torch path runs. The mode is read when a cache layer fills (packs):
-a layer already in the steady state keeps the path it took until it packs again.
+requires it (a failed build is an error); ``never`` never uses it. Elsewhere (Performer
+kernels, a traced step) the torch path runs; on CUDA the Triton kernel of
+:mod:`lessctl.cache.triton_step` where ``triton_step`` allows it, else the torch path. The
+mode is read when a cache layer fills (packs): a layer already in the steady state keeps the
+path it took until it packs again.
 """
 
 from __future__ import annotations

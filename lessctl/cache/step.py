@@ -33,7 +33,9 @@ at or above a floor while packed, so H / z needs no clamp. With learned kernels 
 H and z, H / z, log(phi z)); on CPU, where the C++ op builds and ``native_step`` allows it, they
 are one call of it instead (:func:`native_state`, :mod:`lessctl.cache.native`; a sliding layer's
 release and fold buffer stay in torch), which computes the same to rounding
-(tests/test_native_step.py).
+(tests/test_native_step.py); on CUDA, where ``triton_step`` allows it, one launch of its Triton
+counterpart with the same signature (:mod:`lessctl.cache.triton_step`; tests/test_triton_step.py
+under Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -214,8 +216,9 @@ def native_state(
     into_bias: bool,
 ) -> Tensor | None:
     """Phases 2b-4a in one call of the C++ op (:mod:`lessctl.cache.native`; learned kernels on
-    CPU): what :func:`features`, :func:`update_state` and :func:`read_state` do, the fold
-    buffer's bookkeeping of a sliding layer staying here; the virtual keys' logits go into the
+    CPU) or of the Triton kernel (:mod:`lessctl.cache.triton_step`; on CUDA): what
+    :func:`features`, :func:`update_state` and :func:`read_state` do, the fold buffer's
+    bookkeeping of a sliding layer staying here; the virtual keys' logits go into the
     attention's bias (``into_bias``; -> None), else -> [B,Hkv,g,R] fp32."""
     vw, state = s.views, s.state
     logits = vw.logits if into_bias else vw.pass_logits
@@ -335,8 +338,9 @@ def steady_step(
 ) -> Tensor:
     """One decode row (module doc): q [B,H,1,d], k/v [B,Hkv,1,d], t [B] long (the row's
     position in each sequence), ``s`` packed -> out [B,H,1,d] in q's dtype; ``s`` is updated
-    in place. ``native``: the C++ op of :mod:`lessctl.cache.native` for the state's part
-    (learned kernels on CPU; not while traced), None: the torch path."""
+    in place. ``native``: the C++ op of :mod:`lessctl.cache.native` (learned kernels on CPU) or
+    the Triton one of :mod:`lessctl.cache.triton_step` (CUDA) for the state's part (not while
+    traced), None: the torch path."""
     b, h, _, d = q.shape
     hkv = k.shape[1]
     sc = default_scale(d, scale)
