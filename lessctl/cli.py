@@ -8,6 +8,7 @@ with one line, and `--cfg` prints the resolved config and exits.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -215,6 +216,9 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> None:
     """One `lessctl train` run: train, save the run folder's rows, print the MSE table."""
     from lessctl import train as T
 
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 writes the run folder, rows
+        run_stage(T.run, cfg, log=lambda *_: None)
+        return
     with _stage_run("train", overrides, cfg) as run:
         out, metrics = run_stage(T.run, cfg, log=console.print)
         run.update_meta(checkpoint=str(out))
@@ -247,6 +251,7 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> None:
                         "metric": "val_mse",
                         "value": m[key],
                         "checkpoint": str(out),
+                        "train_source": str(cfg.train.source),
                     }
                 )
         run.add_rows(rows)

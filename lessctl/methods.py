@@ -43,6 +43,7 @@ class Method:
     trained_budget: int | None = None  # less: the budget its kernels were trained at
     transfer: bool | None = None  # less: trained at another budget/split (less.transfer=true)
     extra_tokens: int | None = None  # baseline_plus: tokens added for the state's bytes
+    trained_on: dict[str, Any] | None = None  # less: the kernels' text (TRAINED_ON_KEYS)
 
     def columns(self) -> dict[str, Any]:
         """What every result row of this method records beside the evaluated budget."""
@@ -50,7 +51,31 @@ class Method:
             "trained_budget": self.trained_budget,
             "transfer": self.transfer,
             "extra_tokens": self.extra_tokens,
+            **{k: (self.trained_on or {}).get(k) for k in TRAINED_ON_KEYS},
         }
+
+
+# what a LESS row records of its kernels' training text: its tokens (training + validation
+# windows), the text's source (hub:/embedded:/file:) and train.source (shards | online)
+TRAINED_ON_KEYS = ("kernel_tokens", "kernel_text_source", "kernel_train_source")
+
+
+def trained_on(man: dict[str, Any]) -> dict[str, Any]:
+    """TRAINED_ON_KEYS of a checkpoint manifest (older shards checkpoints: their tokens from the
+    extraction's manifest where it is still there)."""
+    data = man.get("data", {})
+    tokens = data.get("tokens")
+    if tokens is None and man.get("activations"):
+        acts = Path(str(man["activations"])) / "manifest.json"
+        try:
+            tokens = json.loads(acts.read_text()).get("tokens")
+        except (OSError, ValueError):
+            tokens = None
+    return {
+        "kernel_tokens": tokens,
+        "kernel_text_source": data.get("source", man.get("source")),
+        "kernel_train_source": data.get("train_source", "shards"),
+    }
 
 
 class ParallelAttention:
@@ -208,6 +233,7 @@ class Checkpoint:
     path: str
     trained_budget: int | None
     transfer: bool
+    trained_on: dict[str, Any] | None = None
 
 
 def load_less(cfg: DictConfig, geo: dict[str, int], device, policy: Policy) -> Checkpoint:
@@ -223,13 +249,15 @@ def load_less(cfg: DictConfig, geo: dict[str, int], device, policy: Policy) -> C
     if diffs and not (_is_transfer(diffs) and cfg.less.get("transfer")):
         hint = "; pass less.transfer=true to evaluate it anyway" if _is_transfer(diffs) else ""
         raise LessctlError(f"LESS checkpoint {path} was trained for {diffs[0]}{hint}")
+    from lessctl.training.checkpoints import verified_kernels  # (imports this module)
+
     kernels = {}
     for i in range(geo["num_layers"]):
         p = path / f"layer_{i:03d}.safetensors"
         if not p.exists():
             raise LessctlError(f"LESS checkpoint {path} lacks layer {i} ({p.name})")
-        kernels[i] = LayerKernels.load(p, device).eval()
-    return Checkpoint(kernels, str(path), man.get("budget"), bool(diffs))
+        kernels[i] = verified_kernels(path, i, device).eval()  # status and sha256 checked
+    return Checkpoint(kernels, str(path), man.get("budget"), bool(diffs), trained_on(man))
 
 
 def performer(cfg: DictConfig, geo: dict[str, int], device) -> dict[int, LayerKernels]:
@@ -278,7 +306,17 @@ def build_methods(
             out.append(Method(n, plus, extra_tokens=extra if plus.budget is not None else 0))
         elif n == "less":
             ck = load_less(cfg, geo, device, policy)
-            out.append(Method(n, policy, ck.kernels, ck.path, ck.trained_budget, ck.transfer))
+            out.append(
+                Method(
+                    n,
+                    policy,
+                    ck.kernels,
+                    ck.path,
+                    ck.trained_budget,
+                    ck.transfer,
+                    trained_on=ck.trained_on,
+                )
+            )
         else:
             out.append(Method(n, policy, performer(cfg, geo, device)))
     return out

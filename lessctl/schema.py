@@ -98,6 +98,8 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("train.gamma", number(0.0, lo_open=True)),
         ("train.val_fraction", number(0.0, 1.0, lo_open=True, hi_open=True)),
         ("train.max_train_sequences", optional(int_at_least(1))),
+        ("train.source", one_of("shards", "online")),
+        ("train.save_every", optional(int_at_least(1))),
         ("eval.mode", one_of("parallel", "streaming")),
         ("eval.window", optional(int_at_least(2))),
         ("eval.windows", optional(int_at_least(1))),

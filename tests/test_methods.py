@@ -32,7 +32,21 @@ def test_less_method_finds_latest_matching_checkpoint(trained, compose, tiny_mod
     geo = attention_geometry(tiny_model[0])
     [m] = build_methods(compose(*ov, "eval.methods=[less]"), geo, 64, "cpu", torch.float32)
     assert m.checkpoint == str(out) and sorted(m.kernels) == [0, 1]
-    assert m.columns() == {"trained_budget": 16, "transfer": False, "extra_tokens": None}
+    cols = m.columns()
+    assert {k: cols.pop(k) for k in ("trained_budget", "transfer", "extra_tokens")} == {
+        "trained_budget": 16,
+        "transfer": False,
+        "extra_tokens": None,
+    }
+    # the kernels' text: 24 windows of 64 tokens from the file, trained from shards
+    assert cols.pop("kernel_tokens") == 24 * 64 and cols.pop("kernel_train_source") == "shards"
+    assert cols.pop("kernel_text_source").startswith("file:") and not cols
+    # online kernels say so
+    on, _ = T.run(compose(*ov, "train.source=online"), log=lambda *_: None)
+    cfg = compose(*ov, "eval.methods=[less]", f"less.ckpt={on}")
+    [m] = build_methods(cfg, geo, 64, "cpu", torch.float32)
+    assert m.columns()["kernel_train_source"] == "online"
+    assert m.columns()["kernel_tokens"] == 24 * 64
 
 
 def test_checkpoint_records_model_policy_split_kernel_and_data(trained):
