@@ -21,8 +21,8 @@ QUIET = {"log": lambda *_: None}
 # roundings of O(1) relative size each (eps 1.2e-7) bound the relative gap well below this
 RTOL = 1e-4
 # dropout on (each layer's own RNG stream), a batch that does not divide the 4-row chunks
-# (row gathers), two epochs (the order reshuffled)
-OVER = ["less.dropout=0.3", "train.batch_size=3", "train.epochs=2"]
+# (row gathers), two epochs (the order reshuffled); 16 sequences: 3 training chunks, 1 validation
+OVER = ["less.dropout=0.3", "train.batch_size=3", "train.epochs=2", "extract.tokens=1024"]
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_online_gives_the_kernels_of_shards_training(text, compose, tmp_path, mo
         for key in ("val_less_mse", "val_baseline_mse", "val_baseline_plus_mse"):
             assert b[key] == pytest.approx(a[key], rel=RTOL)
     man = json.loads((out / "manifest.json").read_text())
-    assert man["data"]["train_source"] == "online" and man["data"]["tokens"] == 24 * 64
+    assert man["data"]["train_source"] == "online" and man["data"]["tokens"] == 16 * 64
 
     # the comparison can fail (on layer 1, for time): a batch order shifted by one chunk, or a
     # wrong target
@@ -109,7 +109,7 @@ def test_interrupted_online_run_resumes_to_the_same_kernels(text, compose, monke
 
     def dying_step(self, *a, **kw):
         calls.append(1)
-        if len(calls) == 23:  # mid-epoch 2 (8 batches × 2 layers an epoch), after a save
+        if len(calls) == 17:  # mid-epoch 2 (6 batches × 2 layers an epoch), after a save
             raise KeyboardInterrupt("killed")
         return real_step(self, *a, **kw)
 
