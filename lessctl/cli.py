@@ -197,7 +197,9 @@ def train(
         "(e.g. train.layers=0,1,2) through the configured launcher (hydra/launcher=joblib).",
     ),
 ) -> None:
-    """Train φ/ψ of every layer (or train.layers) against the policy, one layer at a time."""
+    """Train φ/ψ of every layer (or train.layers) against the policy: from extract's shards,
+    one layer at a time (train.source=shards), or from the frozen model's forward pass, all
+    layers at once (train.source=online; under torchrun: data parallel)."""
     if multirun:
         from lessctl.multirun import launch
 

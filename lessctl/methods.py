@@ -249,14 +249,15 @@ def load_less(cfg: DictConfig, geo: dict[str, int], device, policy: Policy) -> C
     if diffs and not (_is_transfer(diffs) and cfg.less.get("transfer")):
         hint = "; pass less.transfer=true to evaluate it anyway" if _is_transfer(diffs) else ""
         raise LessctlError(f"LESS checkpoint {path} was trained for {diffs[0]}{hint}")
-    from lessctl.training.checkpoints import verified_kernels  # (imports this module)
+    from lessctl.training.checkpoints import layer_problem, verified_kernels  # (import us)
 
     kernels = {}
     for i in range(geo["num_layers"]):
         p = path / f"layer_{i:03d}.safetensors"
-        if not p.exists():
+        if not p.exists() and "was not trained" not in (layer_problem(path, i) or ""):
             raise LessctlError(f"LESS checkpoint {path} lacks layer {i} ({p.name})")
-        kernels[i] = verified_kernels(path, i, device).eval()  # status and sha256 checked
+        # status and sha256 checked: a layer that was not trained is refused, naming it
+        kernels[i] = verified_kernels(path, i, device).eval()
     return Checkpoint(kernels, str(path), man.get("budget"), bool(diffs), trained_on(man))
 
 

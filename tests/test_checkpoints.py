@@ -113,6 +113,14 @@ def test_non_finite_loss_is_not_finished_and_not_loadable(extracted, compose):
     assert finished_metrics(out, i) is None
     with pytest.raises(CheckpointError, match=rf"layer {i} was not trained \(stopped"):
         T.load_checkpoint(out)
+    # eval and bench (load_less) refuse it too, naming the layer
+    from lessctl.methods import load_less
+    from lessctl.policies.budget import build_policy
+
+    pol = build_policy(cfg.policy, seq_len=64, max_position_embeddings=128)
+    geo = json.loads((out / "manifest.json").read_text())["geometry"]
+    with pytest.raises(CheckpointError, match=rf"layer {i} was not trained"):
+        load_less(compose(*extracted, "train.lr=1e30", f"less.ckpt={out}"), geo, "cpu", pol)
     logs: list[str] = []
     T.run(cfg, log=logs.append)  # re-run: the stopped layer is trained again, not skipped
     assert not any(f"layer {i}: already trained" in x for x in logs)
