@@ -119,6 +119,11 @@ def _same_training(cfg: DictConfig, man: dict) -> bool:
     trained = spec.get("train", {})
     if any(trained.get(k) != cfg.train.get(k) for k in trained):
         return False
+    if man.get("data", {}).get("train_source") == "online":  # no extraction: the text's hash
+        from lessctl.extract import extraction_spec
+        from lessctl.shards import config_hash
+
+        return man["data"].get("activations") == config_hash(extraction_spec(cfg))
     acts = Path(str(man.get("activations", ""))) / "manifest.json"
     if not acts.exists():
         return False

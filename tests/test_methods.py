@@ -47,6 +47,12 @@ def test_less_method_finds_latest_matching_checkpoint(trained, compose, tiny_mod
     [m] = build_methods(cfg, geo, 64, "cpu", torch.float32)
     assert m.columns()["kernel_train_source"] == "online"
     assert m.columns()["kernel_tokens"] == 24 * 64
+    # an online checkpoint counts as trained on this config's text (preferred among matches)
+    from lessctl.methods import _same_training
+
+    man = json.loads((on / "manifest.json").read_text())
+    assert _same_training(compose(*ov), man)
+    assert not _same_training(compose(*ov, "extract.tokens=1024"), man)
 
 
 def test_checkpoint_records_model_policy_split_kernel_and_data(trained):
