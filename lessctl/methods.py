@@ -249,12 +249,14 @@ def load_less(cfg: DictConfig, geo: dict[str, int], device, policy: Policy) -> C
     path = find_checkpoint(cfg, geo["num_layers"], policy)
     if not (path / "manifest.json").exists():
         raise LessctlError(f"less.ckpt={str(path)!r} is not a LESS checkpoint (no manifest.json)")
-    man = json.loads((path / "manifest.json").read_text())
+    from lessctl.training.checkpoints import read_manifest  # (imports this module)
+
+    man = read_manifest(path)  # a truncated or garbled one: one line naming it
     diffs = checkpoint_differences(man, cfg, policy)
     if diffs and not (_is_transfer(diffs) and cfg.less.get("transfer")):
         hint = "; pass less.transfer=true to evaluate it anyway" if _is_transfer(diffs) else ""
         raise LessctlError(f"LESS checkpoint {path} was trained for {diffs[0]}{hint}")
-    from lessctl.training.checkpoints import layer_problem, verified_kernels  # (import us)
+    from lessctl.training.checkpoints import layer_problem, verified_kernels
 
     kernels = {}
     for i in range(geo["num_layers"]):

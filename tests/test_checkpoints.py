@@ -103,6 +103,20 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(trained, damage):
     assert "\n" not in str(err.value)
 
 
+def test_eval_with_a_truncated_manifest_is_one_line(trained, extracted):
+    from typer.testing import CliRunner
+
+    from lessctl.cli import app
+
+    (trained / "manifest.json").write_text('{"format": 2, "mod')
+    res = CliRunner().invoke(
+        app, ["eval", *extracted, f"less.ckpt={trained}", "eval.methods=[less]", "eval.windows=1"]
+    )
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and "corrupt checkpoint manifest" in lines[-1], res.output
+    assert "Traceback" not in res.output
+
+
 def test_non_finite_loss_is_not_finished_and_not_loadable(extracted, compose):
     cfg = compose(*extracted, "train.lr=1e30", "train.epochs=3")
     out, metrics = T.run(cfg, **QUIET)
