@@ -231,7 +231,9 @@ def train(
         "(e.g. train.layers=0,1,2) through the configured launcher (hydra/launcher=joblib).",
     ),
 ) -> None:
-    """Train φ/ψ of every layer (or train.layers) against the policy, one layer at a time."""
+    """Train φ/ψ of every layer (or train.layers) against the policy: from extract's shards,
+    one layer at a time (train.source=shards), or from the frozen model's forward pass, all
+    layers at once (train.source=online; under torchrun: data parallel)."""
     if multirun:
         from lessctl.multirun import launch
 
@@ -250,6 +252,9 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> None:
     """One `lessctl train` run: train, save the run folder's rows, print the MSE table."""
     from lessctl import train as T
 
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 writes the run folder, rows
+        run_stage(T.run, cfg, log=lambda *_: None)
+        return
     with _stage_run("train", overrides, cfg) as run:
         out, metrics = run_stage(T.run, cfg, log=console.print)
         run.update_meta(checkpoint=str(out))
@@ -282,6 +287,7 @@ def train_job(cfg: DictConfig, overrides: list[str]) -> None:
                         "metric": "val_mse",
                         "value": m[key],
                         "checkpoint": str(out),
+                        "train_source": str(cfg.train.source),
                     }
                 )
         run.add_rows(rows)

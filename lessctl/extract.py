@@ -54,19 +54,21 @@ def extraction_dir(cfg: DictConfig) -> Path:
 
 
 class Capture:
-    """Attention function that records q, k, v per layer, then runs the layer's own attention
-    (SDPA with the model's mask; the exact fp32 form where the layer soft-caps)."""
+    """Attention function that records q, k, v per layer (of ``layers``; on ``device`` in
+    ``dtype``), then runs the layer's own attention (SDPA with the model's mask; the exact fp32
+    form where the layer soft-caps)."""
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
+    def __init__(self, dtype: torch.dtype, device="cpu", layers: set[int] | None = None):
+        self.dtype, self.device, self.layers = dtype, device, layers  # layers: None = all
         self.seen: dict[int, dict[str, torch.Tensor]] = {}
 
     def __call__(self, module, query, key, value, attention_mask, **kw):
-        self.seen[module.layer_idx] = {
-            "q": query.detach().to("cpu", self.dtype),
-            "k": key.detach().to("cpu", self.dtype),
-            "v": value.detach().to("cpu", self.dtype),
-        }
+        if self.layers is None or module.layer_idx in self.layers:
+            self.seen[module.layer_idx] = {
+                "q": query.detach().to(self.device, self.dtype),
+                "k": key.detach().to(self.device, self.dtype),
+                "v": value.detach().to(self.device, self.dtype),
+            }
         if kw.get("softcap") is not None:
             ev = expire(never_evicted(key), kw.get("sliding_window"))
             out = parallel_attention(
@@ -80,6 +82,21 @@ class Capture:
             )
             return out.transpose(1, 2).contiguous(), None
         return sdpa(module, query, key, value, attention_mask, **kw)
+
+
+def training_text(cfg: DictConfig, tok, geo: dict[str, int]):
+    """(corpus, windows [N, seq_len] token ids, chunks of ``extract.batch_size`` windows): the
+    text kernels are trained on, whether extracted to disk or trained on online."""
+    e = cfg.extract
+    corpus = load_texts(cfg.data)
+    windows = token_windows(corpus.items, tok, int(e.seq_len), int(e.tokens))
+    if windows.shape[1] > geo["max_position_embeddings"] > 0:
+        raise LessctlError(
+            f"extract.seq_len={e.seq_len} exceeds the model's max_position_embeddings="
+            f"{geo['max_position_embeddings']}"
+        )
+    bs = int(e.batch_size)
+    return corpus, windows, [windows[i : i + bs] for i in range(0, len(windows), bs)]
 
 
 def bytes_needed(n_seq: int, seq_len: int, geo: dict[str, int], dtype: torch.dtype) -> int:
@@ -114,15 +131,7 @@ def run(cfg: DictConfig, log=print) -> dict[str, Any]:
     views = check_supported(model)
     if not attention_layers(model):
         raise LessctlError(f"model {cfg.model.name} has no attention layers to capture")
-    corpus = load_texts(cfg.data)
-    windows = token_windows(corpus.items, tok, int(e.seq_len), int(e.tokens))
-    if windows.shape[1] > geo["max_position_embeddings"] > 0:
-        raise LessctlError(
-            f"extract.seq_len={e.seq_len} exceeds the model's max_position_embeddings="
-            f"{geo['max_position_embeddings']}"
-        )
-    bs = int(e.batch_size)
-    chunks = [windows[i : i + bs] for i in range(0, len(windows), bs)]
+    corpus, windows, chunks = training_text(cfg, tok, geo)
     store = ShardStore(extraction_dir(cfg))
     done = set(store.done_chunks()) if store.manifest_path.exists() else set()
     if done:  # resuming: the finished chunks must come from the same text and model

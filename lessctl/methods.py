@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from safetensors import SafetensorError
 
 from lessctl.errors import LessctlError
 from lessctl.hooks import refuse_unknown_kwargs
@@ -33,9 +31,6 @@ from lessctl.less.kernels import KernelConfig, LayerKernels
 from lessctl.method_names import METHODS
 from lessctl.policies.base import Policy, layer_evict_at
 from lessctl.policies.budget import baseline_plus, build_policy, state_tokens
-from lessctl.shards import file_sha256
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +42,7 @@ class Method:
     trained_budget: int | None = None  # less: the budget its kernels were trained at
     transfer: bool | None = None  # less: trained at another budget/split (less.transfer=true)
     extra_tokens: int | None = None  # baseline_plus: tokens added for the state's bytes
+    trained_on: dict[str, Any] | None = None  # less: the kernels' text (TRAINED_ON_KEYS)
 
     def columns(self) -> dict[str, Any]:
         """What every result row of this method records beside the evaluated budget."""
@@ -54,7 +50,31 @@ class Method:
             "trained_budget": self.trained_budget,
             "transfer": self.transfer,
             "extra_tokens": self.extra_tokens,
+            **{k: (self.trained_on or {}).get(k) for k in TRAINED_ON_KEYS},
         }
+
+
+# what a LESS row records of its kernels' training text: its tokens (training + validation
+# windows), the text's source (hub:/embedded:/file:) and train.source (shards | online)
+TRAINED_ON_KEYS = ("kernel_tokens", "kernel_text_source", "kernel_train_source")
+
+
+def trained_on(man: dict[str, Any]) -> dict[str, Any]:
+    """TRAINED_ON_KEYS of a checkpoint manifest (older shards checkpoints: their tokens from the
+    extraction's manifest where it is still there)."""
+    data = man.get("data", {})
+    tokens = data.get("tokens")
+    if tokens is None and man.get("activations"):
+        acts = Path(str(man["activations"])) / "manifest.json"
+        try:
+            tokens = json.loads(acts.read_text()).get("tokens")
+        except (OSError, ValueError):
+            tokens = None
+    return {
+        "kernel_tokens": tokens,
+        "kernel_text_source": data.get("source", man.get("source")),
+        "kernel_train_source": data.get("train_source", "shards"),
+    }
 
 
 class ParallelAttention:
@@ -98,6 +118,11 @@ def _same_training(cfg: DictConfig, man: dict) -> bool:
     trained = spec.get("train", {})
     if any(trained.get(k) != cfg.train.get(k) for k in trained):
         return False
+    if man.get("data", {}).get("train_source") == "online":  # no extraction: the text's hash
+        from lessctl.extract import extraction_spec
+        from lessctl.shards import config_hash
+
+        return man["data"].get("activations") == config_hash(extraction_spec(cfg))
     acts = Path(str(man.get("activations", ""))) / "manifest.json"
     if not acts.exists():
         return False
@@ -157,44 +182,10 @@ def _is_transfer(diffs: list[str]) -> bool:
     return bool(diffs) and all(d.startswith("budget") for d in diffs)
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """A checkpoint folder's manifest.json; missing, unreadable or not a JSON object: one line
-    naming it."""
-    man_path = path / "manifest.json"
-    if not man_path.exists():
-        raise LessctlError(f"{path} is not a LESS checkpoint (no manifest.json)")
-    try:
-        man = json.loads(man_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LessctlError(f"cannot read LESS checkpoint manifest {man_path}: {err}") from None
-    if not isinstance(man, dict):
-        raise LessctlError(f"LESS checkpoint manifest {man_path} is not a JSON object")
-    return man
-
-
-def layer_problem(path: Path, layer: int) -> str | None:
-    """Why layer ``layer`` of checkpoint ``path`` holds no trained kernels to evaluate, or None:
-    its kernels file and its metrics (``layer_<i>.json``, written when training ends) exist, the
-    metrics say ``finished`` (not stopped by a non-finite loss), and the file's sha256 equals the
-    one recorded there."""
-    kern, meta = path / f"layer_{layer:03d}.safetensors", path / f"layer_{layer:03d}.json"
-    if not kern.exists():
-        return f"lacks layer {layer} ({kern.name})"
-    if not meta.exists():
-        return f"layer {layer} did not finish training ({meta.name} missing)"
-    try:
-        rec = json.loads(meta.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return f"layer {layer}'s metrics {meta.name} cannot be read"
-    if not isinstance(rec, dict) or rec.get("status") != "finished":
-        status = rec.get("status") if isinstance(rec, dict) else None
-        return f"layer {layer} was not trained to the end ({status or 'no status'})"
-    if rec.get("sha256") is not None and file_sha256(kern) != rec["sha256"]:
-        return f"layer {layer}'s {kern.name} is not the file trained (its sha256 differs)"
-    return None
-
-
 def _complete(path: Path, num_layers: int) -> bool:
+    """Every layer finished and intact (status and sha256: training/checkpoints.py)."""
+    from lessctl.training.checkpoints import layer_problem
+
     return all(layer_problem(path, i) is None for i in range(num_layers))
 
 
@@ -205,13 +196,16 @@ def find_checkpoint(cfg: DictConfig, num_layers: int, policy: Policy) -> Path:
     another budget when none matches. Otherwise one line that says what is missing."""
     if cfg.less.get("ckpt"):
         return Path(cfg.less.ckpt).expanduser()
+    from lessctl.runs import warn
+    from lessctl.training.checkpoints import read_manifest
+
     exact, transferable = [], []
     for man_path in sorted(Path(cfg.train.dir).expanduser().glob("*/manifest.json")):
         path = man_path.parent
         try:
             man = read_manifest(path)
         except LessctlError as err:  # one bad candidate never breaks the search
-            log.warning("skipping %s", err)
+            warn(f"skipped a LESS checkpoint: {err}")
             continue
         if not _complete(path, num_layers):
             continue
@@ -253,6 +247,7 @@ class Checkpoint:
     path: str
     trained_budget: int | None
     transfer: bool
+    trained_on: dict[str, Any] | None = None
 
 
 def load_less(cfg: DictConfig, geo: dict[str, int], device, policy: Policy) -> Checkpoint:
@@ -263,26 +258,21 @@ def load_less(cfg: DictConfig, geo: dict[str, int], device, policy: Policy) -> C
     path = find_checkpoint(cfg, geo["num_layers"], policy)
     if not (path / "manifest.json").exists():
         raise LessctlError(f"less.ckpt={str(path)!r} is not a LESS checkpoint (no manifest.json)")
-    man = read_manifest(path)
+    from lessctl.training.checkpoints import layer_problem, read_manifest, verified_kernels
+
+    man = read_manifest(path)  # a truncated or garbled one: one line naming it
     diffs = checkpoint_differences(man, cfg, policy)
     if diffs and not (_is_transfer(diffs) and cfg.less.get("transfer")):
         hint = "; pass less.transfer=true to evaluate it anyway" if _is_transfer(diffs) else ""
         raise LessctlError(f"LESS checkpoint {path} was trained for {diffs[0]}{hint}")
     kernels = {}
     for i in range(geo["num_layers"]):
-        problem = layer_problem(path, i)
-        if problem is not None:
-            raise LessctlError(
-                f"LESS checkpoint {path} {problem}: run `lessctl train` with the same overrides "
-                f"to train it, or pass another less.ckpt"
-            )
         p = path / f"layer_{i:03d}.safetensors"
-        try:
-            kernels[i] = LayerKernels.load(p, device).eval()
-        except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise LessctlError(f"cannot load LESS kernels {p}: {first}") from None
-    return Checkpoint(kernels, str(path), man.get("budget"), bool(diffs))
+        if not p.exists() and "was not trained" not in (layer_problem(path, i) or ""):
+            raise LessctlError(f"LESS checkpoint {path} lacks layer {i} ({p.name})")
+        # status and sha256 checked: a layer that was not trained is refused, naming it
+        kernels[i] = verified_kernels(path, i, device).eval()
+    return Checkpoint(kernels, str(path), man.get("budget"), bool(diffs), trained_on(man))
 
 
 def performer(cfg: DictConfig, geo: dict[str, int], device) -> dict[int, LayerKernels]:
@@ -331,7 +321,17 @@ def build_methods(
             out.append(Method(n, plus, extra_tokens=extra if plus.budget is not None else 0))
         elif n == "less":
             ck = load_less(cfg, geo, device, policy)
-            out.append(Method(n, policy, ck.kernels, ck.path, ck.trained_budget, ck.transfer))
+            out.append(
+                Method(
+                    n,
+                    policy,
+                    ck.kernels,
+                    ck.path,
+                    ck.trained_budget,
+                    ck.transfer,
+                    trained_on=ck.trained_on,
+                )
+            )
         else:
             out.append(Method(n, policy, performer(cfg, geo, device)))
     return out

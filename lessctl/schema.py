@@ -143,6 +143,8 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("train.activations", optional(PATH)),
         ("train.dir", PATH),
         ("eval.methods", list_of(names(*METHODS))),
+        ("train.source", one_of("shards", "online")),
+        ("train.save_every", optional(int_at_least(1))),
         ("eval.mode", one_of("parallel", "streaming")),
         ("eval.window", optional(int_at_least(2))),
         ("eval.windows", optional(int_at_least(1))),

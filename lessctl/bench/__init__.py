@@ -46,6 +46,7 @@ from lessctl.bench.paired import interleaved, ratio, throughput_ratio
 from lessctl.cache import native
 from lessctl.errors import LessctlError
 from lessctl.method_names import BENCH_METHODS
+from lessctl.methods import TRAINED_ON_KEYS
 from lessctl.models import attention_geometry
 from lessctl.policies.budget import build_policy
 from lessctl.stats import Estimate
@@ -197,6 +198,7 @@ def _columns(cfg: DictConfig, name: str, context: int, batch: int, budget, cols:
         "kernels": None,
         "trained_budget": None,
         "transfer": None,
+        **dict.fromkeys(TRAINED_ON_KEYS),  # less with trained kernels: their text (methods.py)
         "native_step": None,  # less: whether its steps ran the C++ LESS step (cache/native.py)
         "triton_step": None,  # less: whether they ran the Triton one (cache/triton_step.py)
         **cols,

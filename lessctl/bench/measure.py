@@ -32,6 +32,7 @@ def bench_kernels(
     try:
         ck = load_less(cfg, geo, device, policy)
         cols = {"kernels": "trained", "trained_budget": ck.trained_budget, "transfer": ck.transfer}
+        cols.update(ck.trained_on or {})
         return ck.kernels, cols
     except CheckpointNotFound:
         kc = KernelConfig(
