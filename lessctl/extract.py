@@ -88,8 +88,15 @@ def training_text(cfg: DictConfig, tok, geo: dict[str, int]):
     """(corpus, windows [N, seq_len] token ids, chunks of ``extract.batch_size`` windows): the
     text kernels are trained on, whether extracted to disk or trained on online."""
     e = cfg.extract
+    tokens, seq_len = int(e.tokens), int(e.seq_len)
+    if tokens < seq_len or tokens % seq_len:  # checked here, not when any config composes:
+        # a model's own seq_len (e.g. 131072) is no reason to refuse an eval's config
+        raise LessctlError(
+            f"extract.tokens={tokens} is invalid; allowed: a multiple of extract.seq_len="
+            f"{seq_len} (whole sequences), e.g. {max(1, round(tokens / seq_len)) * seq_len}"
+        )
     corpus = load_texts(cfg.data)
-    windows = token_windows(corpus.items, tok, int(e.seq_len), int(e.tokens))
+    windows = token_windows(corpus.items, tok, seq_len, tokens)
     if windows.shape[1] > geo["max_position_embeddings"] > 0:
         raise LessctlError(
             f"extract.seq_len={e.seq_len} exceeds the model's max_position_embeddings="

@@ -25,7 +25,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lessctl.errors import LessctlError
-from lessctl.less.kernels import KERNELS
 from lessctl.method_names import BENCH_METHODS, METHODS
 
 
@@ -173,7 +172,6 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("bench.memory_cap_mb", number(0, lo_open=True)),
         ("bench.max_batch", int_at_least(1)),
         ("bench.breakdown", BOOL),
-        ("less.kind", (lambda v: v in KERNELS, "a kernel family: " + ", ".join(sorted(KERNELS)))),
         ("less.rank", int_at_least(1)),
         ("less.hidden", int_at_least(1)),
         ("less.dropout", number(0.0, 1.0, hi_open=True)),
@@ -217,17 +215,6 @@ def _plain(cfg: DictConfig, key: str) -> Any:
     return value
 
 
-def _cross_checks(cfg: DictConfig) -> None:
-    """Rules across keys."""
-    tokens, seq_len = _plain(cfg, "extract.tokens"), _plain(cfg, "extract.seq_len")
-    if _int(tokens) and _int(seq_len) and (tokens < seq_len or tokens % seq_len):
-        # extract cuts extract.tokens into whole windows of extract.seq_len (data.token_windows)
-        raise SchemaError(
-            f"extract.tokens={tokens!r} is invalid; allowed: a multiple of extract.seq_len="
-            f"{seq_len} (whole sequences), e.g. {max(1, round(tokens / seq_len)) * seq_len}"
-        )
-
-
 def _owned_groups(cfg: DictConfig) -> None:
     """`policy`, `task` and `lm_eval` against their owners' declarations (module doc)."""
     policy = _plain(cfg, "policy")
@@ -258,12 +245,26 @@ def validate(cfg: DictConfig) -> None:
         if value is _MISSING:
             continue
         check(f.key, value, (f.check, f.allowed))
-    _cross_checks(cfg)
     _owned_groups(cfg)
+    _kernel_family(cfg)
+
+
+def _kernel_family(cfg: DictConfig) -> None:
+    """``less.kind`` names a registered kernel family, and the family's own rules for the less.*
+    values hold (``config_problem``, e.g. hedgehog's even rank). Imported here, not at the top:
+    the kernels import the policies, which import this module."""
     less = cfg.get("less")
-    family = KERNELS.get(less.get("kind")) if less is not None else None
-    problem = getattr(family, "config_problem", None)
-    if problem is not None and (words := problem(less)):  # the family's own less.* rules
+    if less is None or less.get("kind") is None:
+        return
+    from lessctl.less.kernels import KERNELS
+
+    check(
+        "less.kind",
+        less.kind,
+        (lambda v: v in KERNELS, "a kernel family: " + ", ".join(sorted(KERNELS))),
+    )
+    problem = getattr(KERNELS[less.kind], "config_problem", None)
+    if problem is not None and (words := problem(less)):
         raise SchemaError(words)
 
 

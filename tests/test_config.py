@@ -238,15 +238,20 @@ def test_every_declared_key_is_in_its_yaml_and_every_yaml_key_declared(group):
         (["experiment=smoke", "extract.tokens=100"], "a multiple of extract.seq_len=64"),
     ],
 )
-def test_extract_tokens_must_be_whole_sequences(overrides, allowed):
-    """extract cuts extract.tokens into whole extract.seq_len windows (it silently made 10
-    tokens 64, 100 tokens 64)."""
-    from lessctl.schema import SchemaError
+def test_extract_tokens_must_be_whole_sequences(overrides, allowed, tmp_path, monkeypatch):
+    """The text kernels train on is cut into whole extract.seq_len windows (extract silently made
+    10 tokens 64, 100 tokens 64): refused where the text is cut, in one line. A config that
+    only evaluates composes with any extract.tokens (seq_len follows the model, 131072 for some)."""
+    from typer.testing import CliRunner
 
-    with pytest.raises(SchemaError) as e:
-        load_config(overrides)
-    msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(overrides[-1] + " is invalid") and allowed in msg
+    from lessctl.cli import app
+
+    monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
+    assert load_config(overrides).extract.tokens == int(overrides[-1].split("=")[1])
+    res = CliRunner().invoke(app, ["extract", *overrides])
+    assert res.exit_code == 2, res.output
+    line = " ".join(res.output.split())
+    assert f"error: {overrides[-1]} is invalid" in line and allowed in line
 
 
 def test_every_experiment_composes_on_every_model():
