@@ -15,8 +15,8 @@ the exit code is 1):
    a chunked prefill of 32k tokens (LESS) against a 1k prompt's peak memory;
 3. the Triton LESS step against the torch path at the 7B layer's shapes (``step_breakdown``:
    the fused call vs features + update + read, and the whole step; run before the bench);
-4. online training throughput: a hook that runs only where the config knows ``train.source``
-   (online training has not landed here), else a ``skipped`` row.
+4. online training throughput: a hook, not wired yet (online training landed after this script
+   was written): it writes a ``skipped`` row.
 
 ``--cpu``: a dry run through the same plumbing on the tiny random model (small contexts, CPU,
 the Triton step under Triton's interpreter), writing the same row layout, for tests.
@@ -234,8 +234,8 @@ def run_triton_vs_torch(rows: Rows, cfg, device, cuda: bool) -> None:
 
 
 def run_training_hook(rows: Rows, cfg, budget_s: float) -> None:
-    """Online training throughput: runs only where the config knows ``train.source`` (another
-    change brings online training); until then a ``skipped`` row."""
+    """Online training throughput: not wired yet, a ``skipped`` row saying so (where the config
+    lacks ``train.source``, that instead)."""
     if "source" not in cfg.train:
         rows.add(
             "train", "skipped", "train.source is not in the config (online training not landed)"

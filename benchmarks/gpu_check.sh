@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a bare GPU machine (nothing here has run on a GPU yet): a venv with CUDA
 # torch of the pinned version (the Makefile's) from the registry and `pip install -e .[dev]`
-# (triton included), then benchmarks/gpu_check.py within the budget: pytest -m cuda, the decode
+# (CUDA torch brings its triton), then benchmarks/gpu_check.py within the budget: pytest -m cuda, the decode
 # bench at a Llama-2-7B geometry in bf16 at 1k/8k/32k (latency ratios, memory, throughput at
 # equal memory), a 32k chunked prefill's peak memory against a 1k prompt's, the Triton LESS
 # step against the torch path, and a hook for online training. Rows: $OUT/gpu_check.jsonl.

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lessctl.atomic import write_jsonl_atomic
+from lessctl.atomic import file_sha256, write_jsonl_atomic
 from lessctl.errors import LessctlError
 
 
@@ -97,14 +97,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LESSCTL_CACHE", "~/.cache/lessctl")).expanduser()
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- downloads
 
 
@@ -116,7 +108,7 @@ def fetch(name: str, root: Path | None = None) -> Path:
     """Download artifact `name` (idempotent) and return its verified path."""
     art = ARTIFACTS[name]
     dest = artifact_path(name, root)
-    if dest.exists() and sha256_of(dest) == art.sha256:
+    if dest.exists() and file_sha256(dest) == art.sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".partial-") as tmp:
@@ -132,7 +124,7 @@ def fetch(name: str, root: Path | None = None) -> Path:
         if proc.returncode != 0 or not got.exists():
             last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise AssetError(f"could not fetch {art.spec} with {art.client}: {last[0]}")
-        digest = sha256_of(got)
+        digest = file_sha256(got)
         if digest != art.sha256:
             raise AssetError(f"{art.filename}: sha256 {digest} != pinned {art.sha256}")
         os.replace(got, dest)
@@ -330,7 +322,7 @@ def status(root: Path | None = None) -> list[dict]:
     rows = []
     for name, art in ARTIFACTS.items():
         p = artifact_path(name, root)
-        ok = p.exists() and sha256_of(p) == art.sha256
+        ok = p.exists() and file_sha256(p) == art.sha256
         rows.append(dict(kind="download", name=name, ready=ok, path=str(p), detail=art.spec))
     m = model_dir(root)
     ready = (m / ".complete").exists()

@@ -71,10 +71,8 @@ FILESYSTEM_HINTS = {
     errno.EDQUOT: "your quota is full: free space, or point the stage's folder elsewhere",
     errno.EROFS: "that filesystem is read-only: set extract.dir, train.dir, results_dir or "
     "cache_dir to a writable folder",
-    errno.EACCES: "you may not write there: fix its permissions or point the stage's folder "
-    "elsewhere",
-    errno.EPERM: "you may not write there: fix its permissions or point the stage's folder "
-    "elsewhere",
+    errno.EACCES: "permission denied: fix its permissions or point the stage's folder elsewhere",
+    errno.EPERM: "permission denied: fix its permissions or point the stage's folder elsewhere",
 }
 
 
@@ -85,7 +83,8 @@ def filesystem_error(err: OSError) -> str | None:
     if hint is None:
         return None
     where = f" {err.filename}" if err.filename else ""
-    return f"cannot write{where}: {err.strerror or os.strerror(err.errno)}; {hint}"
+    verb = "write" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "access"
+    return f"cannot {verb}{where}: {err.strerror or os.strerror(err.errno)}; {hint}"
 
 
 def run_stage(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:

@@ -174,7 +174,11 @@ def load_run(path: str | Path) -> Run:
         raise RunError(f"{path / 'meta.json'} is not a JSON object")
     run = Run(path, meta)
     if process_gone(run.meta):
-        run.update_meta(status="interrupted", interrupted="its process ended without closing it")
+        run.meta.update(status="interrupted", interrupted="its process ended without closing it")
+        try:  # best effort: a read-only results folder is still reported
+            write_json_atomic(path / "meta.json", run.meta)
+        except OSError:
+            pass
     return run
 
 

@@ -2,7 +2,7 @@
 enters (`lessctl.config.load_config`), and a bad one gets one line naming the key, the value and
 what is allowed.
 
-The root keys are listed here (`SCHEMA`, plus checks across keys in `_cross_checks`); the groups
+The root keys are listed here (`SCHEMA`; ``less.kind`` against the kernel registry); the groups
 whose keys depend on the option chosen are checked against their owners' declarations, each a
 mapping key -> `Rule` kept next to the code that reads the keys:
 
@@ -105,6 +105,8 @@ def odd_int() -> Rule:
 BOOL = ((lambda v: isinstance(v, bool)), "true or false")
 STR = ((lambda v: isinstance(v, str) and bool(v)), "a non-empty string")
 PATH = ((lambda v: isinstance(v, str) and bool(v)), "a path")
+# Hydra reads run_name=2024 as an int: a name may be either
+NAME = ((lambda v: (isinstance(v, str) and bool(v)) or _int(v)), "a non-empty name")
 MAPPING = ((lambda v: isinstance(v, dict)), "a mapping (key: value)")
 DEVICE = (
     (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None),
@@ -118,7 +120,7 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("seed", int_at_least(0)),
         ("cache_dir", PATH),
         ("results_dir", PATH),
-        ("run_name", optional(STR)),
+        ("run_name", optional(NAME)),
         ("device", DEVICE),
         ("threads", optional(int_at_least(1))),
         ("native_step", one_of("auto", "always", "never")),

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from lessctl.atomic import write_json_atomic
+from lessctl.atomic import file_sha256, write_bytes_atomic, write_json_atomic
 from lessctl.errors import LessctlError
 
 
@@ -49,32 +47,13 @@ def save_atomic_digest(
     """Write a safetensors file through a temporary file + rename; return its byte size and
     sha256 (of the bytes written, hashed before they leave memory)."""
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_bytes_atomic(path, data)
     return len(data), hashlib.sha256(data).hexdigest()
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> int:
     """:func:`save_atomic_digest`'s byte size alone."""
     return save_atomic_digest(tensors, path, metadata)[0]
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 16 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_checked(

@@ -145,11 +145,14 @@ def test_a_layer_locked_by_a_live_process_is_skipped_a_dead_ones_lock_is_taken(e
     man = json.loads((E.extraction_dir(cfg) / "manifest.json").read_text())
     out = T.checkpoint_dir(cfg, man)
     out.mkdir(parents=True)
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    hold = (
+        "import sys, time; from pathlib import Path; from lessctl.training.checkpoints import "
+        f"LayerLock; assert LayerLock(Path({str(out)!r}), 0).acquire(); print('held', flush=True);"
+        " time.sleep(60)"
+    )
+    live = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
     try:
-        (out / "layer_000.lock").write_text(
-            json.dumps({"host": socket.gethostname(), "pid": live.pid})
-        )
+        assert live.stdout.readline().strip() == "held"
         logs: list[str] = []
         _, metrics = T.run(cfg, log=logs.append)
         assert [m["layer"] for m in metrics] == [1]
@@ -158,7 +161,7 @@ def test_a_layer_locked_by_a_live_process_is_skipped_a_dead_ones_lock_is_taken(e
     finally:
         live.kill()
         live.wait()
-    # the holder is gone: its lock is stale, the next run trains the layer
+    # the holder is gone (killed: the kernel dropped its flock), the next run trains the layer
     _, metrics = T.run(cfg, **QUIET)
     assert sorted(m["layer"] for m in metrics) == [0, 1]
     assert not (out / "layer_000.lock").exists()

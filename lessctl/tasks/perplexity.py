@@ -152,8 +152,8 @@ def run(
             window_nll, window_tokens = back[1]["window_nll"], back[1]["window_count"]
         else:
             window_nll, window_tokens = nll(model, windows, m, batch_size)
-            if run_dir is not None:
-                save_method(Path(run_dir), file_name, m.name, digest, window_nll, window_tokens)
+        if run_dir is not None:  # reused too: this run's folder then resumes a later run
+            save_method(Path(run_dir), file_name, m.name, digest, window_nll, window_tokens)
         total, n = sum(window_nll), sum(window_tokens)
         base = {
             "task": task,

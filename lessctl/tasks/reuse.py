@@ -2,7 +2,7 @@
 is read back instead of computed again (`eval.reuse_predictions`: earlier run folders).
 
 A method's digest holds the model (config, dtype, device, weights), the method's name, its
-policy with its budget and its kernels' weights; an input's digest adds the exact tokens it was
+policy with its budget and its kernels (weights, buffers and config); an input's digest adds the exact tokens it was
 given. A record is reused only where its digest equals the one computed now, so another model,
 policy, budget, checkpoint or text is computed anew. Not part of a digest: where anything was
 loaded from, and the code revision.
@@ -10,6 +10,7 @@ loaded from, and the code revision.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,11 @@ def method_digest(model, method: Method) -> str:
         "weights": fingerprint(model.parameters()),
         "method": method.name,
         "policy": repr(method.policy),
-        "kernels": fingerprint(p for i in sorted(kernels) for p in kernels[i].parameters()),
+        # weights and buffers (Performer's random features are a buffer) and each config
+        "kernels": fingerprint(
+            t for i in sorted(kernels) for t in kernels[i].state_dict().values()
+        ),
+        "kernel_configs": [dataclasses.asdict(kernels[i].cfg) for i in sorted(kernels)],
     }
     return config_hash(key, 20)
 

@@ -14,11 +14,10 @@ locked by a live process; a lock whose process is gone (same host) is stale and 
 
 from __future__ import annotations
 
-import hashlib
+import fcntl
 import json
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from omegaconf import DictConfig
 from lessctl.atomic import write_json_atomic
 from lessctl.errors import LessctlError
 from lessctl.less.kernels import LayerKernels
-from lessctl.shards import config_hash
+from lessctl.shards import config_hash, file_sha256, save_atomic_digest
 from lessctl.training.spec import train_spec
 
 
@@ -45,14 +44,6 @@ def kernels_path(out: Path, layer: int) -> Path:
 
 def metrics_path(out: Path, layer: int) -> Path:
     return out / f"layer_{layer:03d}.json"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
@@ -87,14 +78,17 @@ def save_layer(out: Path, kern: LayerKernels | None, metrics: dict[str, Any]) ->
         path.unlink(missing_ok=True)
         metrics = {**metrics, "file": None, "sha256": None}
     else:
-        kern.save(path)
-        metrics = {**metrics, "file": path.name, "sha256": sha256(path)}
+        tensors, meta = kern.safetensors()
+        _, digest = save_atomic_digest(tensors, path, meta)  # a kill leaves no torn file
+        metrics = {**metrics, "file": path.name, "sha256": digest}
     write_json_atomic(metrics_path(out, layer), metrics)
     return metrics
 
 
-def layer_problem(out: Path, layer: int) -> str | None:
-    """Why layer ``layer`` of ``out`` is not a finished, intact layer (None: it is)."""
+def layer_problem(out: Path, layer: int, check_hash: bool = True) -> str | None:
+    """Why layer ``layer`` of ``out`` is not a finished, intact layer (None: it is): its json
+    says finished and, with ``check_hash``, its kernels file has the sha256 recorded there (a
+    layer written before checksums records none: its status alone counts)."""
     mp, kp = metrics_path(out, layer), kernels_path(out, layer)
     if not mp.exists():
         return f"{mp.name} is missing (the layer never finished)"
@@ -105,11 +99,9 @@ def layer_problem(out: Path, layer: int) -> str | None:
         return f"{mp.name} is corrupt ({type(err).__name__})"
     if status != "finished":
         return f"layer {layer} was not trained ({status})"
-    if not want:
-        return f"{mp.name} records no sha256 (written before checksums)"
     if not kp.exists():
         return f"{kp.name} is missing"
-    if sha256(kp) != want:
+    if check_hash and want and file_sha256(kp) != want:
         return f"{kp.name} is corrupt (its sha256 differs from the one in {mp.name})"
     return None
 
@@ -158,52 +150,46 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[int, LayerKe
 
 
 # -- per-layer locks
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class LayerLock:
-    """``layer_<i>.lock`` created with O_EXCL, holding this process's host and pid.
-    :meth:`acquire` returns False while another live process holds it."""
+    """``layer_<i>.lock``, held by an exclusive ``flock`` for as long as the layer trains: the
+    kernel releases it when its holder ends however it ends (kill -9 included), so no lock goes
+    stale and none is taken over by guesswork. The file records the holder's host and pid for
+    people. :meth:`acquire` returns False while another process (or another open of the file in
+    this one) holds it. Where the filesystem has no flock (some network mounts), the lock is
+    taken with a warning."""
 
     def __init__(self, out: Path, layer: int):
         self.path = out / f"layer_{layer:03d}.lock"
-        self.held = False
+        self.fd: int | None = None
 
-    def _stale(self) -> bool:
-        try:
-            owner = json.loads(self.path.read_text())
-            host, pid = owner["host"], int(owner["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            # empty or garbled: a writer between create and write (young), or killed there
-            try:
-                return time.time() - self.path.stat().st_mtime > 60
-            except OSError:
-                return True
-        return host == socket.gethostname() and not _alive(pid)
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
 
     def acquire(self) -> bool:
-        for _ in range(2):
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not self._stale():
-                    return False
-                self.path.unlink(missing_ok=True)  # a dead process's lock: take it over
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except OSError:  # no flock here: proceed unlocked rather than refuse to train
+                print(f"warning: {self.path}: the filesystem has no flock; not locked")
+            try:  # released and unlinked by its holder between our open and flock: retry
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
-            self.held = True
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+            self.fd = fd
             return True
-        return False
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # before unlocking: a waiter re-opens a new file
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None

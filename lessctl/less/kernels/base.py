@@ -122,10 +122,17 @@ class LayerKernels(nn.Module):
         k = k.float()
         return self.net.log_psi(k) if self.log_features else torch.log(self.net.psi(k))
 
-    def save(self, path: str | Path) -> None:
-        """Write weights and the config (JSON metadata "config") to a .safetensors file."""
+    def safetensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """(tensors, metadata) of the .safetensors form: the weights and buffers (CPU) and the
+        config as JSON metadata "config"."""
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, str(path), metadata={"config": json.dumps(asdict(self.cfg))})
+        return tensors, {"config": json.dumps(asdict(self.cfg))}
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`safetensors` to ``path`` (checkpoints write it atomically with its
+        sha256: lessctl.training.checkpoints.save_layer)."""
+        tensors, meta = self.safetensors()
+        save_file(tensors, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> LayerKernels:

@@ -11,7 +11,8 @@ part) computed and its optimiser stepped, one layer at a time.
 
 Resumable: every ``train.save_every`` steps (and after each epoch) all layers' kernels,
 optimiser and schedule states, the data position and the RNG states are written atomically to
-``<checkpoint>/online_state.pt``; a re-run with the same overrides continues from there.
+``<checkpoint>/online_state-<hash of the layers>.pt``; a re-run with the same overrides
+continues from there.
 
 Data parallel under ``torchrun``: each global batch of ``batch_size × world`` rows is split
 across the ranks and every layer's gradients are averaged (all_reduce, weighted by rows); rank
@@ -20,9 +21,9 @@ across the ranks and every layer's gradients are averaged (all_reduce, weighted 
 
 from __future__ import annotations
 
+import io
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from lessctl.adapters import layer_scaling, output_projection
+from lessctl.atomic import write_bytes_atomic
 from lessctl.config import resolve_device, resolve_dtype
 from lessctl.extract import Capture, extraction_spec, training_text
 from lessctl.hooks import attention_layers, check_supported, use_attention
@@ -50,7 +52,7 @@ from lessctl.training.objective import decisions, fixed_part
 from lessctl.training.sources.shards import layer_view
 from lessctl.training.spec import kernel_config, select_layers
 
-STATE = "online_state.pt"
+STATE = "online_state-{}.pt"  # runs on disjoint layers of one folder keep their own
 
 
 # -- processes
@@ -133,14 +135,9 @@ def _gib(n: float) -> str:
 
 # -- resume state
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _trainer_state(tr: LayerTrainer) -> dict[str, Any]:
@@ -299,7 +296,7 @@ def _train(cfg, model, chunks, man, todo, policy, plus, out, rank, world, device
                     tr.val_add(take(d, [pos[r] for r in sel]), w[i], view[i].window, bound)
         return {i: tr.val_end() for i, tr in active.items()}
 
-    state_path = out / STATE
+    state_path = out / STATE.format(config_hash(sorted(todo), 12))  # one per layer set
     rng = random.Random(int(cfg.seed))
     start_epoch, start_pos, steps = 1, 0, 0
     every = int(t.get("save_every") or 0)
