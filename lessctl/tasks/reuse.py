@@ -3,9 +3,9 @@ is read back instead of computed again (`eval.reuse_predictions`: earlier run fo
 
 A method's digest holds the model (config, dtype, device, weights), the method's name, its
 policy with its budget and its kernels (weights, buffers and config); an input's digest adds
-the exact tokens it was given. A record is reused only where its digest equals the one computed now, so another model,
-policy, budget, checkpoint or text is computed anew. Not part of a digest: where anything was
-loaded from, and the code revision.
+the exact tokens it was given. A record is reused only where its digest equals the one
+computed now, so another model, policy, budget, checkpoint or text is computed anew. Not part
+of a digest: where anything was loaded from, and the code revision.
 """
 
 from __future__ import annotations
