@@ -442,3 +442,22 @@ def test_method_digest_holds_the_weights_not_where_they_came_from(compose):
     assert lam != longcontext.method_digest(
         a, Method("baseline", get_policy("h2o", heavy=4, recent=4))
     )
+
+
+def test_method_digest_holds_performer_features_and_kernel_configs(compose):
+    """Performer's random features are a buffer, not a parameter: another seed or rank is
+    another digest (a rerun at less.rank=16 must not read back rank 8's results)."""
+    from lessctl.less.kernels import KernelConfig, LayerKernels
+    from lessctl.methods import Method
+    from lessctl.models import load_model
+    from lessctl.policies import get_policy
+
+    model = load_model(compose("model=tiny-random").model, "cpu", seed=0)[0]
+    policy = get_policy("lambda", sink=2, recent=6)
+
+    def digest(**kc):
+        kern = {0: LayerKernels(KernelConfig(4, 2, 16, kind="performer", **kc))}
+        return longcontext.method_digest(model, Method("performer", policy, kern))
+
+    assert digest(rank=8, seed=0) == digest(rank=8, seed=0)
+    assert len({digest(rank=8, seed=0), digest(rank=8, seed=1), digest(rank=16, seed=0)}) == 3
