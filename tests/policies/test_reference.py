@@ -138,9 +138,10 @@ def test_tova_cache_is_tova(n, protocol, prompt):
 
 
 def test_tova_long_prompt_keeps_one_layer_set_chosen_by_the_first_decoded_row():
-    """A prompt longer than the budget (README: TOVA's code compresses it by the prompt's last
-    row; lessctl's prompt protocol by the first decoded one): at row T the layer keeps T and the
-    n - 1 older keys of the largest head-averaged probability from q_T; then TOVA's steps."""
+    """A prompt longer than the budget (docs/policies.md: TOVA's code compresses it by the
+    prompt's last row; lessctl's prompt protocol by the first decoded one): at row T the layer
+    keeps T and the n - 1 older keys of the largest head-averaged probability from q_T; then
+    TOVA's steps."""
     n, prompt, s = 7, 19, 26
     q, k, v = qkv(s, seed=4)
     kept = cache_kept(TOVA(n), q, k, v, "prompt", prompt)
