@@ -118,7 +118,8 @@ def test_interrupted_online_run_resumes_to_the_same_kernels(text, compose, monke
     with pytest.raises(KeyboardInterrupt):
         T.run(cfg, **QUIET)
     out = T.checkpoint_dir(cfg, {"hash": _text_hash(cfg), "train_source": "online"})
-    state = torch.load(out / online.STATE, weights_only=False)
+    path = online.resume_state_path(out, [0, 1])
+    state = torch.load(path, weights_only=False)
     assert state["epoch"] == 2 and 0 < state["pos"]
     assert not list(out.glob("layer_*.lock"))  # released on the way out
     monkeypatch.setattr(loop.LayerTrainer, "step", real_step)
@@ -126,7 +127,7 @@ def test_interrupted_online_run_resumes_to_the_same_kernels(text, compose, monke
     T.run(cfg, log=logs.append)
     assert any("resuming at epoch 2" in x for x in logs)
     assert _gap(_kernels(full), _kernels(out)) < RTOL
-    assert not (out / online.STATE).exists()
+    assert not path.exists()
 
 
 def _text_hash(cfg) -> str:

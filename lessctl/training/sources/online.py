@@ -55,6 +55,12 @@ from lessctl.training.spec import kernel_config, select_layers
 STATE = "online_state-{}.pt"  # runs on disjoint layers of one folder keep their own
 
 
+def resume_state_path(out: Path, layers: list[int]) -> Path:
+    """Where an online run training ``layers`` of checkpoint folder ``out`` keeps its resume
+    state: one file per layer set."""
+    return out / STATE.format(config_hash(sorted(layers), 12))
+
+
 # -- processes
 def distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world size, this rank's device); starts the process group under torchrun."""
@@ -296,7 +302,7 @@ def _train(cfg, model, chunks, man, todo, policy, plus, out, rank, world, device
                     tr.val_add(take(d, [pos[r] for r in sel]), w[i], view[i].window, bound)
         return {i: tr.val_end() for i, tr in active.items()}
 
-    state_path = out / STATE.format(config_hash(sorted(todo), 12))  # one per layer set
+    state_path = resume_state_path(out, todo)
     rng = random.Random(int(cfg.seed))
     start_epoch, start_pos, steps = 1, 0, 0
     every = int(t.get("save_every") or 0)
