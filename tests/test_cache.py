@@ -17,6 +17,7 @@ POLICIES = {
     "h2o": dict(heavy=8, recent=8),
     "tova": dict(budget=16),
     "snapkv": dict(heavy=10, window=6, kernel=5),
+    "composite": dict(sink=2, heavy=7, recent=7, w_h2o=1.0, w_tova=0.5),
 }
 
 

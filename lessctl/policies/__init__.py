@@ -14,6 +14,7 @@ from lessctl.policies.base import (
     sequential_evict_at,
 )
 from lessctl.policies.budget import baseline_plus, build_policy, state_tokens
+from lessctl.policies.composite import Composite
 from lessctl.policies.full import Full
 from lessctl.policies.h2o import H2O
 from lessctl.policies.lambda_mask import LambdaMask
@@ -23,6 +24,7 @@ from lessctl.policies.snapkv import SnapKV
 from lessctl.policies.tova import TOVA
 
 __all__ = [
+    "Composite",
     "H2O",
     "POLICIES",
     "TOVA",

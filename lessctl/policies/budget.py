@@ -14,6 +14,8 @@ Config schema (a mapping)::
     pooling: avg                    # snapkv: avg or max
     pool_across_window: false       # snapkv: true = lessctl's earlier variant
     per_head: false                 # tova: true = one choice per KV head, not per layer
+    recent_ratio: 0.5               # composite: share of budget - sink for the recent window
+    weights: {h2o: 1.0, tova: 1.0}  # composite: the score ensemble's weights
 
 Fractions follow the official LESS code: ``int(size * ref)``; for h2o each part separately,
 ``heavy = int(size * heavy_ratio * ref)``, ``recent = int(size * (1 - heavy_ratio) * ref)``
@@ -113,11 +115,36 @@ def build_policy(cfg: Mapping[str, Any], *, seq_len: int, max_position_embedding
         return get_policy("lambda", sink=sink, recent=total - sink)
     if name == "random":
         return get_policy("random", budget=total, seed=int(cfg.get("seed", 0)))
+    if name == "composite":
+        return _composite(cfg, total)
     if name == "snapkv":
         return _snapkv(cfg, total)
     if name == "tova":
         return get_policy("tova", budget=total, per_head=_flag(cfg, "per_head"))
     return get_policy(name, budget=total)
+
+
+def _composite(cfg: Mapping[str, Any], total: int) -> Policy:
+    """sink, then ``recent = max(1, int((total - sink) * recent_ratio))``, the rest heavy;
+    ``weights``: {h2o, tova} (numbers >= 0)."""
+    sink, ratio = cfg.get("sink", 4), cfg.get("recent_ratio", 0.5)
+    if not isinstance(sink, int) or not 0 <= sink < total:
+        raise InputError(f"policy sink={sink!r} is invalid; allowed: an int in [0, {total})")
+    if not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0:
+        raise InputError(f"policy recent_ratio={ratio!r} is invalid; allowed: a number in [0, 1]")
+    recent = max(1, int((total - sink) * ratio))
+    w = dict(cfg.get("weights") or {})
+    for key in w:
+        if key not in ("h2o", "tova"):
+            raise InputError(f"policy weights.{key} is not a score; allowed: h2o, tova")
+    return get_policy(
+        "composite",
+        sink=sink,
+        heavy=total - sink - recent,
+        recent=recent,
+        w_h2o=float(w.get("h2o", 1.0)),
+        w_tova=float(w.get("tova", 1.0)),
+    )
 
 
 def _flag(cfg: Mapping[str, Any], key: str) -> bool:

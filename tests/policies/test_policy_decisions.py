@@ -10,6 +10,7 @@ import torch
 from lessctl.policies import (
     H2O,
     TOVA,
+    Composite,
     Full,
     LambdaMask,
     RandomPolicy,
@@ -86,6 +87,17 @@ def naive(policy, q, k) -> torch.Tensor:
                         heads = [hk] if policy.per_head else range(hkv)
                         ps = [row_probs(q, k, bi, h, t, kept + [t]) for h in heads]
                         victim = min(kept, key=lambda j: (sum(p[j] for p in ps), j))
+                    elif isinstance(policy, Composite):  # sinks, window, weighted ensemble
+                        now = row_probs(q, k, bi, hk, t, kept + [t])
+                        acc_sum = sum(score.get(j, 0.0) for j in kept) or 1e-30
+                        now_sum = sum(now[j] for j in kept) or 1e-30
+                        others = [j for j in kept if policy.sink <= j <= t - policy.recent]
+                        mix = {
+                            j: policy.w_h2o * score.get(j, 0.0) / acc_sum
+                            + policy.w_tova * now[j] / now_sum
+                            for j in others
+                        }
+                        victim = min(others, key=lambda j: (mix[j], j))
                     elif isinstance(policy, RandomPolicy):
                         base = lowbias32((lowbias32(policy.seed) + hk) & 0xFFFFFFFF)
                         u = {j: lowbias32((base + j) & 0xFFFFFFFF) for j in kept}
@@ -95,7 +107,7 @@ def naive(policy, q, k) -> torch.Tensor:
                     score.pop(victim, None)
                     out[bi, hk, victim] = t
                 kept.append(t)
-                if isinstance(policy, H2O):  # attend, then accumulate
+                if isinstance(policy, H2O | Composite):  # attend, then accumulate
                     for j, p in row_probs(q, k, bi, hk, t, kept).items():
                         score[j] = score.get(j, 0.0) + p
                 if isinstance(policy, SnapKV):  # observation rows n-w..n-1, pool, then as H2O
@@ -127,6 +139,9 @@ POLICIES = [
     SnapKV(heavy=8, window=3, kernel=7, pooling="max", pool_across_window=True),
     SnapKV(heavy=9, window=1, kernel=1, pool_across_window=True),
     SnapKV(heavy=0, window=10, pool_across_window=True),
+    Composite(sink=2, heavy=5, recent=4, w_h2o=1.0, w_tova=1.0),
+    Composite(sink=0, heavy=8, recent=3, w_h2o=0.3, w_tova=2.0),
+    Composite(sink=3, heavy=6, recent=1, w_h2o=0.0, w_tova=1.0),
 ]
 
 
@@ -215,3 +230,16 @@ def test_group_probs_is_the_groups_summed_softmax():
         assert torch.allclose(
             got[0, hk], torch.tensor([want[j] for j in range(12)], dtype=torch.float64)
         )
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa"])
+def test_composite_reduces_to_h2o_tova_and_lambda(shape):
+    """The ensemble's special cases are the policies it combines (composite.py's doc): a wrong
+    normalisation, a protected part off by one or a swapped weight fails one of them."""
+    q, k = make_qk(*shape, seed=4)
+    same = lambda a, b: torch.equal(a.evict_at(q, k), b.evict_at(q, k))  # noqa: E731
+    assert same(Composite(sink=0, heavy=7, recent=4, w_h2o=1.0, w_tova=0.0), H2O(7, 4))
+    assert same(Composite(sink=0, heavy=10, recent=1, w_h2o=0.0, w_tova=1.0), TOVA(11, True))
+    assert same(Composite(sink=3, heavy=5, recent=4, w_h2o=0.0, w_tova=0.0), LambdaMask(3, 9))
+    both = Composite(sink=0, heavy=7, recent=4, w_h2o=1.0, w_tova=1.0)
+    assert not same(both, H2O(7, 4)) and not same(both, TOVA(11, True))
