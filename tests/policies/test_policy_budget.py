@@ -50,7 +50,7 @@ def test_official_fractions_llama2_7b():
 @pytest.mark.parametrize(
     ("cfg", "needle"),
     [
-        ({"name": "nope", "budget": {"size": 8}}, "allowed: full, h2o, lambda, random"),
+        ({"name": "nope", "budget": {"size": 8}}, "allowed: composite, full, h2o, lambda, random"),
         ({"name": "tova", "budget": {"size": 0}}, "size=0"),
         ({"name": "tova", "budget": {"size": -3}}, "size=-3"),
         ({"name": "tova", "budget": {"size": 0.0}}, "size=0.0"),
@@ -116,7 +116,7 @@ def test_baseline_plus_counts_bytes_not_numbers():
 def test_registry_and_budgets():
     assert get_policy("h2o", heavy=3, recent=2).budget == 5
     assert Full().budget is None
-    with pytest.raises(ValueError, match="unknown policy 'x'; allowed: full, h2o"):
+    with pytest.raises(ValueError, match="unknown policy 'x'; allowed: composite, full, h2o"):
         get_policy("x")
     with pytest.raises(ValueError):
         LambdaMask(4, 0)
