@@ -19,22 +19,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import lessctl.methods  # noqa: F401  (registers every method)
 from lessctl import stats
 from lessctl.errors import LessctlError
+from lessctl.methods.registry import labels
 from lessctl.report_bench import bench_sections
 from lessctl.report_longctx import sections as longctx_sections
 from lessctl.report_study import sections as study_sections
 from lessctl.runs import RunError, list_runs, warn
 from lessctl.stats import Samples
 
-ORDER = ["full", "baseline", "baseline_plus", "less", "performer"]
-LABEL = {
-    "full": "Full",
-    "baseline": "Baseline",
-    "baseline_plus": "Baseline+",
-    "less": "LESS",
-    "performer": "Performer",
-}
+LABEL = labels()  # method -> its column label, in the registry's order (lessctl.methods)
+ORDER = list(LABEL)
 
 
 def load_rows(results_dir: str | Path, run_name: str | None = None) -> pd.DataFrame:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from lessctl.methods import method_names
 from lessctl.stats import Samples, difference, verdict
 from lessctl.tasks.longcontext import interval
 
-ORDER = ["full", "baseline", "baseline_plus", "less", "performer", "snapkv"]
+ORDER = [*method_names(), "snapkv"]  # the registry's order; then rows labelled snapkv
 TASKS = ("passkey", "needle", "variable_tracking", "common_words", "longctx")
 METRIC = "contains"
 

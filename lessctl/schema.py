@@ -2,7 +2,8 @@
 enters (`lessctl.config.load_config`), and a bad one gets one line naming the key, the value and
 what is allowed.
 
-The root keys are listed here (`SCHEMA`; ``less.kind`` against the kernel registry); the groups
+The root keys are listed here (`SCHEMA`; ``less.kind`` against the kernel registry,
+``eval.methods`` / ``bench.methods`` against the method registry); the groups
 whose keys depend on the option chosen are checked against their owners' declarations, each a
 mapping key -> `Rule` kept next to the code that reads the keys:
 
@@ -25,7 +26,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lessctl.errors import LessctlError
-from lessctl.method_names import BENCH_METHODS, METHODS
 
 
 class SchemaError(LessctlError):
@@ -143,7 +143,6 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("train.layers", optional(any_of(int_at_least(0), list_of(int_at_least(0))))),
         ("train.activations", optional(PATH)),
         ("train.dir", PATH),
-        ("eval.methods", list_of(names(*METHODS))),
         ("train.source", one_of("shards", "online")),
         ("train.save_every", optional(int_at_least(1))),
         ("eval.mode", one_of("parallel", "streaming")),
@@ -160,7 +159,6 @@ SCHEMA: tuple[Field, ...] = tuple(
             "eval.reuse_predictions",
             list_of((lambda v: isinstance(v, str) and bool(v), "a run folder path"), empty=True),
         ),
-        ("bench.methods", list_of(names(*BENCH_METHODS))),
         ("bench.contexts", list_of(int_at_least(2))),
         ("bench.batch_sizes", list_of(int_at_least(1))),
         ("bench.warmup", int_at_least(0)),
@@ -249,6 +247,21 @@ def validate(cfg: DictConfig) -> None:
         check(f.key, value, (f.check, f.allowed))
     _owned_groups(cfg)
     _kernel_family(cfg)
+    _methods(cfg)
+
+
+def _methods(cfg: DictConfig) -> None:
+    """``eval.methods`` and ``bench.methods`` name registered methods (lessctl.methods.registry;
+    bench: those it measures). Imported here, not at the top, as the kernels are."""
+    from lessctl.methods import method_names
+
+    for key, allowed in (
+        ("eval.methods", method_names()),
+        ("bench.methods", method_names(bench=True)),
+    ):
+        value = _plain(cfg, key)
+        if value is not _MISSING:
+            check(key, value, list_of(names(*allowed)))
 
 
 def _kernel_family(cfg: DictConfig) -> None:

@@ -45,8 +45,7 @@ from lessctl.bench.memory import in_fresh_process, peak_memory, reset_peak, retu
 from lessctl.bench.paired import interleaved, ratio, throughput_ratio
 from lessctl.cache import native
 from lessctl.errors import LessctlError
-from lessctl.method_names import BENCH_METHODS
-from lessctl.methods import TRAINED_ON_KEYS
+from lessctl.methods import TRAINED_ON_KEYS, method_names
 from lessctl.models import attention_geometry
 from lessctl.policies.budget import build_policy
 from lessctl.stats import Estimate
@@ -122,11 +121,10 @@ def run(cfg: DictConfig, model, tokenizer, log=print) -> list[dict[str, Any]]:
     value} (module doc)."""
     b = cfg.bench
     names = list(b.methods)
-    bad = [n for n in names if n not in BENCH_METHODS]
+    allowed = method_names(bench=True)
+    bad = [n for n in names if n not in allowed]
     if bad:
-        raise LessctlError(
-            f"unknown bench.methods entry {bad[0]!r}; allowed: {', '.join(BENCH_METHODS)}"
-        )
+        raise LessctlError(f"unknown bench.methods entry {bad[0]!r}; allowed: {', '.join(allowed)}")
     full_max = int(b.full_max_context)
     plan = [
         (c, bs, n, True)

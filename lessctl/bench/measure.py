@@ -17,7 +17,7 @@ from lessctl.cache import EvictingCache, cache_nbytes, prefill, running, triton_
 from lessctl.cache.native import less_step_op
 from lessctl.errors import LessctlError
 from lessctl.hooks import check_supported
-from lessctl.less.kernels import KernelConfig, LayerKernels
+from lessctl.less.kernels import LayerKernels, kernel_config
 from lessctl.methods import CheckpointNotFound, load_less
 from lessctl.models import attention_geometry
 from lessctl.policies.base import Policy
@@ -35,16 +35,7 @@ def bench_kernels(
         cols.update(ck.trained_on or {})
         return ck.kernels, cols
     except CheckpointNotFound:
-        kc = KernelConfig(
-            num_heads=geo["num_heads"],
-            num_kv_heads=geo["num_kv_heads"],
-            head_dim=geo["head_dim"],
-            rank=int(cfg.less.rank),
-            hidden=int(cfg.less.hidden),
-            dropout=0.0,
-            init_scale=float(cfg.less.init_scale),
-            kind=str(cfg.less.kind),
-        )
+        kc = kernel_config(cfg, geo, dropout=0.0, seed=0)  # seed: KernelConfig's default
         kernels = {i: LayerKernels(kc).to(device).eval() for i in range(geo["num_layers"])}
         return kernels, {"kernels": "untrained", "trained_budget": None, "transfer": None}
 

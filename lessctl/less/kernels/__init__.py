@@ -6,7 +6,14 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from lessctl.less.kernels.base import KERNELS, KernelConfig, LayerKernels, dropout, register_kernel
+from lessctl.less.kernels.base import (
+    KERNELS,
+    KernelConfig,
+    LayerKernels,
+    dropout,
+    kernel_config,
+    register_kernel,
+)
 
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":
@@ -22,5 +29,6 @@ __all__ = [
     "LearnedKernels",
     "PerformerKernels",
     "dropout",
+    "kernel_config",
     "register_kernel",
 ]

@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,27 @@ class KernelConfig:
     init_scale: float = 1e-4
     kind: str = "learned"  # a registered family (KERNELS): learned, performer, light, hedgehog
     seed: int = 0
+
+
+def kernel_config(cfg: Any, geo: dict[str, int], **overrides: Any) -> KernelConfig:
+    """The kernels' config for a model of attention geometry ``geo`` (num_heads, num_kv_heads,
+    head_dim) from the composed config's ``less.*`` (rank, hidden, dropout, init_scale, kind,
+    seed), with ``overrides`` replacing
+    fields (e.g. ``dropout=0.0``, ``kind="performer"``). The one place a KernelConfig is built
+    from a config."""
+    lc = cfg.less
+    kc = KernelConfig(
+        num_heads=geo["num_heads"],
+        num_kv_heads=geo["num_kv_heads"],
+        head_dim=geo["head_dim"],
+        rank=int(lc.rank),
+        hidden=int(lc.hidden),
+        dropout=float(lc.dropout),
+        init_scale=float(lc.init_scale),
+        kind=str(lc.kind),
+        seed=int(lc.seed),
+    )
+    return replace(kc, **overrides)
 
 
 def uniform(*shape: int) -> nn.Parameter:

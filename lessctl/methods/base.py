@@ -1,12 +1,8 @@
-"""The compared methods and the teacher-forced attention that applies them to an unmodified model.
+"""What the compared methods share (each method is one file beside this one, registered in
+:mod:`lessctl.methods.registry`): the ``Method`` record, LESS checkpoints, and the
+teacher-forced attention that applies a method to an unmodified model.
 
-A method is a sparse policy plus, optionally, φ/ψ kernels per layer:
-
-- `full`: nothing evicted (transformers' own SDPA path, the reference);
-- `baseline`: the policy; `baseline_plus`: the policy with the tokens that equal the state's
-  memory; `less`: the policy plus trained kernels (`less.ckpt=` or the latest matching
-  checkpoint); `performer`: the policy plus untrained random-feature kernels.
-
+A method is a sparse policy plus, optionally, φ/ψ kernels per layer.
 `ParallelAttention(policy, kernels)` is the registered attention function for teacher-forced
 evaluation: per layer it computes the policy's `evict_at` and the LESS attention in parallel
 form over the whole window (less-method.md §1, §5); Performer kernels go through the log-feature
@@ -27,10 +23,10 @@ from omegaconf import DictConfig
 from lessctl.errors import LessctlError
 from lessctl.hooks import refuse_unknown_kwargs
 from lessctl.less.attention import parallel_attention
-from lessctl.less.kernels import KernelConfig, LayerKernels
-from lessctl.method_names import METHODS
+from lessctl.less.kernels import LayerKernels, kernel_config
+from lessctl.methods.registry import MethodContext
 from lessctl.policies.base import Policy, layer_evict_at
-from lessctl.policies.budget import baseline_plus, build_policy, state_tokens
+from lessctl.policies.budget import build_policy
 
 
 @dataclass
@@ -280,11 +276,9 @@ def performer(cfg: DictConfig, geo: dict[str, int], device) -> dict[int, LayerKe
     """Untrained random-feature kernels (the paper's ablation), seeded per layer."""
     return {
         i: LayerKernels(
-            KernelConfig(
-                num_heads=geo["num_heads"],
-                num_kv_heads=geo["num_kv_heads"],
-                head_dim=geo["head_dim"],
-                rank=int(cfg.less.rank),
+            kernel_config(
+                cfg,
+                geo,
                 kind="performer",
                 seed=int(cfg.less.seed) * 1000 + i,
             )
@@ -298,41 +292,19 @@ def performer(cfg: DictConfig, geo: dict[str, int], device) -> dict[int, LayerKe
 def build_methods(
     cfg: DictConfig, geo: dict[str, int], seq_len: int, device, kv_dtype: torch.dtype
 ) -> list[Method]:
-    """The methods named in `eval.methods` for this policy and a context of `seq_len` tokens;
-    `kv_dtype`: the dtype of the cached K/V (Baseline+ adds the tokens worth the state's
-    bytes)."""
+    """The methods named in `eval.methods` for this policy and a context of `seq_len` tokens,
+    each built by its registered builder (lessctl.methods.registry); `kv_dtype`: the dtype of
+    the cached K/V (Baseline+ adds the tokens worth the state's bytes)."""
+    from lessctl.methods.registry import REGISTRY, method_names  # filled by the package
+
     names = list(cfg.eval.methods)
-    bad = [n for n in names if n not in METHODS]
+    bad = [n for n in names if n not in REGISTRY]
     if bad:
-        raise LessctlError(f"unknown eval.methods entry {bad[0]!r}; allowed: {', '.join(METHODS)}")
+        allowed = ", ".join(method_names())
+        raise LessctlError(f"unknown eval.methods entry {bad[0]!r}; allowed: {allowed}")
     policy = build_policy(
         cfg.policy, seq_len=seq_len, max_position_embeddings=geo["max_position_embeddings"]
     )
     full = build_policy({"name": "full"}, seq_len=seq_len, max_position_embeddings=0)
-    out = []
-    for n in names:
-        if n == "full":
-            out.append(Method(n, full))
-        elif n == "baseline":
-            out.append(Method(n, policy))
-        elif n == "baseline_plus":
-            rank, kv_bytes = int(cfg.less.rank), torch.empty((), dtype=kv_dtype).element_size()
-            extra = state_tokens(rank, geo["head_dim"], kv_bytes)
-            plus = baseline_plus(policy, rank, geo["head_dim"], kv_bytes)
-            out.append(Method(n, plus, extra_tokens=extra if plus.budget is not None else 0))
-        elif n == "less":
-            ck = load_less(cfg, geo, device, policy)
-            out.append(
-                Method(
-                    n,
-                    policy,
-                    ck.kernels,
-                    ck.path,
-                    ck.trained_budget,
-                    ck.transfer,
-                    trained_on=ck.trained_on,
-                )
-            )
-        else:
-            out.append(Method(n, policy, performer(cfg, geo, device)))
-    return out
+    ctx = MethodContext(cfg, geo, seq_len, device, kv_dtype, policy, full)
+    return [REGISTRY[n].build(ctx) for n in names]
