@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lessctl.report as report
-import lessctl.report_longctx as report_longctx
+import lessctl.report.longctx as report_longctx
 from lessctl import extract as E
 from lessctl import train as T
 from lessctl.errors import LessctlError

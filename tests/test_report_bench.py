@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from lessctl.report_bench import bench_sections
+from lessctl.report.bench import bench_sections
 
 
 def rows(run: str, lat: dict[tuple[str, int], float]) -> list[dict]:

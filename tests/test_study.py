@@ -59,7 +59,7 @@ def test_one_factor_comparisons_pair_only_points_one_factor_apart():
     import numpy as np
     import pandas as pd
 
-    from lessctl.report_study import comparisons
+    from lessctl.report.study import comparisons
     from lessctl.stats import Samples
 
     rng = np.random.default_rng(0)

@@ -2,9 +2,9 @@
 position) an accuracy heatmap (length x depth) per method side by side, and a table of accuracy
 (`contains`, mean over the grid, with the number of samples) against budget per method.
 
-Called from lessctl.report.run with all saved rows (it keeps the newest per cell itself);
-returns Markdown lines. Baseline+, LESS and Performer are listed under the budget of the
-Baseline of their run (Baseline+ holds a few more tokens, the size of the LESS state).
+Registered as the report section `longctx`, called with all saved rows (it keeps the newest
+per cell itself); returns Markdown lines. Baseline+, LESS and Performer are listed under the
+budget of the Baseline of their run (Baseline+ holds a few more tokens, the LESS state's).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from lessctl.methods import method_names
+from lessctl.report.registry import ReportContext, register_section
 from lessctl.stats import Samples, difference, verdict
 from lessctl.tasks.longcontext import interval
 
@@ -158,3 +159,8 @@ def sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
         out += ["| " + " | ".join(str(r.get(c, "–")) for c in cols) + " |" for r in table]
         out += [""] + [r["heatmap"] for r in table] + [""]
     return out
+
+
+@register_section("longctx", 50)
+def section(ctx: ReportContext) -> list[str]:
+    return sections(ctx.rows, ctx.fig_dir)

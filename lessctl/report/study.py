@@ -16,6 +16,8 @@ from typing import Any
 import pandas as pd
 
 from lessctl import stats
+from lessctl.report.registry import ReportContext, register_section
+from lessctl.report.tables import _figure, _md, _samples, gap_closed
 
 FACTORS = ("train tokens", "epochs", "hidden", "rank")
 METHODS = ("full", "baseline_plus", "less")
@@ -41,8 +43,6 @@ def study_point(checkpoint: str) -> dict[str, Any]:
 def study_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per study point: its factors, Full / Baseline+ / LESS word perplexity, gap
     closed with its paired interval; `_samples` holds the three methods' windows."""
-    from lessctl.report import _samples, gap_closed
-
     need = {"_run", "task", "metric", "method", "value", "checkpoint"}
     if df.empty or not need <= set(df.columns):
         return pd.DataFrame()
@@ -125,8 +125,6 @@ def comparisons(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _figures(table: pd.DataFrame, fig_dir: Path) -> list[str]:
-    from lessctl.report import _figure
-
     names = []
     for (dataset, policy, budget), g in table.groupby(["dataset", "policy", "budget"]):
         name = f"study-gap-{dataset}-{policy}-{int(budget)}.png"
@@ -156,8 +154,6 @@ def _figures(table: pd.DataFrame, fig_dir: Path) -> list[str]:
 
 def sections(df: pd.DataFrame, fig_dir: Path) -> list[str]:
     """The study's Markdown: points table, figure, one-factor comparisons (none: no lines)."""
-    from lessctl.report import _md
-
     table = study_table(df)
     if table.empty:
         return []
@@ -178,3 +174,8 @@ def sections(df: pd.DataFrame, fig_dir: Path) -> list[str]:
             "",
         ]
     return out
+
+
+@register_section("study", 70)
+def section(ctx: ReportContext) -> list[str]:
+    return sections(ctx.rows, ctx.fig_dir)

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from lessctl.report.registry import ReportContext, register_section
+from lessctl.report.tables import _figure, _md
+
 MiB = 2**20
 
 
@@ -23,8 +26,6 @@ def _wide(d: pd.DataFrame) -> pd.DataFrame:
 
 
 def _figures(d: pd.DataFrame, fig_dir: Path) -> list[str]:
-    from lessctl.report import _figure
-
     names = []
     for metric, unit in (("latency_ms", "ms / token"), ("cache_bytes", "KV-cache bytes")):
         s = d[(d.metric == metric) & (d.batch_size == 1)]
@@ -49,7 +50,6 @@ def _figures(d: pd.DataFrame, fig_dir: Path) -> list[str]:
 def _paired_section(d: pd.DataFrame) -> list[str]:
     """The interleaved ratios (:mod:`lessctl.bench.paired`) with their intervals."""
     from lessctl.bench import paired_ratios
-    from lessctl.report import _md
 
     p = d[d.metric == "paired_ms"]
     if p.empty:
@@ -83,7 +83,6 @@ def _throughput_section(d: pd.DataFrame) -> list[str]:
     """Throughput at equal memory, measured interleaved (:mod:`lessctl.bench.paired`), with the
     ratios' intervals."""
     from lessctl.bench import throughput_ratios
-    from lessctl.report import _md
 
     eq = d[d.metric == "equal_memory_tokens_per_s"]
     if eq.empty:
@@ -120,8 +119,6 @@ def _throughput_section(d: pd.DataFrame) -> list[str]:
 
 def bench_sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
     """Markdown for the newest bench run in ``rows`` (all saved rows; empty: no lines)."""
-    from lessctl.report import _md
-
     d = rows[rows.get("task") == "bench"] if "task" in rows else rows[:0]
     if d.empty:
         return []
@@ -189,3 +186,8 @@ def bench_sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
         out += ["Steady decode step of layer 0, µs per phase (median):", "", _md(t), ""]
     out += [f"![{f}](figures/{f})" for f in _figures(d, fig_dir)] + [""]
     return out
+
+
+@register_section("bench", 60)
+def section(ctx: ReportContext) -> list[str]:
+    return bench_sections(ctx.rows, ctx.fig_dir)

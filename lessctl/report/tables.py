@@ -1,13 +1,7 @@
-"""`lessctl report`: tables and figures from saved runs only → `results/REPORT.md`.
-
-Reads every finished `results/runs/*/*/rows.jsonl` (with `run_name=X`: only the runs labelled
-X, i.e. one study's runs); when a (model, dataset, source, method, policy,
-budget, metric, ...) key was measured in several runs, the newest run wins. Per task a table
-Full / Baseline / Baseline+ / LESS / Performer with the share of the Baseline+→Full gap that
-LESS closes; figures under `results/figures/`. Where rows keep their per-window or per-example
-values, every figure carries a 95% seeded bootstrap interval and LESS − Baseline+ / LESS −
-Baseline are paired differences with a word (better / worse / not significant), see
-lessctl.stats. No timestamps are written, so re-running on the same runs gives the same file.
+"""What the report's sections share: the saved rows (`load_rows`, newest run wins per key),
+the per-method table of a metric with the gap closed (`method_table`) and its display with
+95% intervals and paired differences (`interval_table`, lessctl.stats), Markdown and figure
+helpers. The method columns and their order come from the method registry (lessctl.methods).
 """
 
 from __future__ import annotations
@@ -21,11 +15,7 @@ import pandas as pd
 
 import lessctl.methods  # noqa: F401  (registers every method)
 from lessctl import stats
-from lessctl.errors import LessctlError
 from lessctl.methods.registry import labels
-from lessctl.report_bench import bench_sections
-from lessctl.report_longctx import sections as longctx_sections
-from lessctl.report_study import sections as study_sections
 from lessctl.runs import RunError, list_runs, warn
 from lessctl.stats import Samples
 
@@ -161,43 +151,6 @@ def method_table(df: pd.DataFrame, metric: str, lower_is_better: bool) -> pd.Dat
     if (t["window"] == -1).all():
         t = t.drop(columns="window")
     return t
-    keys = [*ctx, "policy", "budget"]
-    t = t.sort_values(keys).drop_duplicates(keys, keep="last")
-    if (t["window"] == -1).all():
-        t = t.drop(columns="window")
-    return t
-
-
-def lm_eval_section(latest: pd.DataFrame) -> list[str]:
-    """Markdown for `task=lm_eval` rows: per (model, lm-eval task, source, metric, window,
-    policy, run) a column per method with `value ± lm-eval's standard error`; the budget is the
-    Baseline's (Baseline+ keeps more tokens)."""
-    d = latest[latest.get("task") == "lm_eval"] if "task" in latest else latest[:0]
-    if d.empty:
-        return []
-
-    def cell(r) -> str:
-        err = r.get("stderr")
-        return f"{r['value']:.4g}" + (f" ± {err:.2g}" if err is not None and err == err else "")
-
-    d = d.assign(cell=d.apply(cell, axis=1))
-    ctx = ["model", "lm_eval_task", "source", "metric", "window", "policy", "_run"]
-    out = []
-    for key, g in d.groupby(ctx, sort=True):
-        row = dict(zip(ctx[:-1], key[:-1], strict=True))
-        base = g[g.method == "baseline"]["budget"]
-        row["budget"] = (base if len(base) else g[g.method != "full"]["budget"]).min()
-        for m in ORDER:
-            v = g[g.method == m]["cell"]
-            row[LABEL[m]] = v.iloc[-1] if len(v) else "–"
-        out.append(row)
-    t = pd.DataFrame(out).drop_duplicates(ctx[:-1], keep="last")
-    return [
-        "## lm-evaluation-harness tasks (value ± lm-eval's standard error)",
-        "",
-        _md(t),
-        "",
-    ]
 
 
 def _samples(r: pd.Series) -> Samples | None:
@@ -275,149 +228,3 @@ def _figure(path: Path, draw) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
-
-
-def _ppl_figures(t: pd.DataFrame, fig_dir: Path, metric: str) -> list[str]:
-    names = []
-    for (model, dataset, policy), g in t.groupby(["model", "dataset", "policy"]):
-        g = g.sort_values("budget")
-        name = f"{metric}-{model}-{dataset}-{policy}.png"
-
-        def draw(ax, g=g, title=f"{model} {dataset} {policy}"):
-            for m in ORDER:
-                ax.plot(g.budget, g[LABEL[m]], marker="o", label=LABEL[m])
-            ax.set_xlabel("budget (tokens)")
-            ax.set_ylabel(metric.rsplit("-", 1)[-1])
-            ax.set_title(title)
-            ax.legend(fontsize=7)
-
-        _figure(fig_dir / name, draw)
-        names.append(name)
-    return names
-
-
-def _layer_figures(df: pd.DataFrame, fig_dir: Path) -> list[str]:
-    d = df[(df.get("stage") == "train") & (df.metric == "val_mse")] if "stage" in df else df[:0]
-    names = []
-    for (model, policy, budget), g in d.groupby(["model", "policy", "budget"]):
-        name = f"train-mse-{model}-{policy}-{int(budget)}.png"
-
-        def draw(ax, g=g, title=f"{model} {policy} budget {int(budget)}: validation MSE"):
-            for m in ("baseline", "baseline_plus", "less"):
-                s = g[g.method == m].sort_values("layer")
-                ax.plot(s.layer, s.value, marker=".", label=LABEL[m])
-            ax.set_yscale("log")
-            ax.set_xlabel("layer")
-            ax.set_ylabel("MSE after o_proj")
-            ax.set_title(title, fontsize=9)
-            ax.legend(fontsize=7)
-
-        _figure(fig_dir / name, draw)
-        names.append(name)
-    return names
-
-
-def run(results_dir: str | Path = "results", run_name: str | None = None) -> Path:
-    """Write `<results_dir>/REPORT.md` and its figures from the finished runs (those labelled
-    `run_name` when given: one study's runs); returns the report's path."""
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        raise LessctlError(
-            f"results_dir={str(results_dir)!r} is not a folder; allowed: the folder the stages "
-            "wrote their runs to (results_dir=DIR; default: results)"
-        )
-    df = load_rows(results_dir, run_name)
-    fig_dir = results_dir / "figures"
-    out = [
-        "# lessctl report",
-        "",
-        "Generated by `lessctl report` from the saved runs under `results/runs/` (each row "
-        "names its run folder, which holds the config, overrides and versions)"
-        + (f"; only runs labelled `run_name={run_name}`." if run_name else "."),
-        "",
-    ]
-    if df.empty:
-        out.append("No finished runs yet.")
-        path = results_dir / "REPORT.md"
-        path.write_text("\n".join(out) + "\n")
-        return path
-    if (df.get("source", pd.Series(dtype=str)).astype(str).str.startswith("embedded:")).any():
-        out += [
-            "> Rows with source `embedded:*` ran on the offline stand-in corpora (see "
-            "assets.md): they are not comparable with the paper's WikiText / PG-19 / "
-            "XSum numbers.",
-            "",
-        ]
-    keys = [
-        "task",
-        "stage",
-        "model",
-        "dataset",
-        "source",
-        "method",
-        "policy",
-        "budget",
-        "metric",
-        "window",
-        "layer",
-        "context",
-        "batch_size",
-        "mode",
-    ]
-    latest = _latest(df, keys)
-    out += [STATS_NOTE, ""]
-    for task, how in (
-        ("perplexity", "teacher-forced, parallel form"),
-        ("perplexity_streaming", "token by token through the evicting cache"),
-    ):
-        ppl = latest[latest.get("task") == task] if "task" in latest else latest[:0]
-        for metric, title in (("ppl_word", "word-level"), ("ppl_token", "token-level")):
-            t = method_table(ppl, metric, lower_is_better=True)
-            if t.empty:
-                continue
-            shown = interval_table(t, lower_is_better=True, digits=2)
-            out += [f"## Perplexity ({title}, {how})", "", _md(shown), ""]
-            figs = _ppl_figures(t, fig_dir, f"{task}-{metric}")
-            out += [f"![{f}](figures/{f})" for f in figs] + [""]
-    summ = latest[latest.get("task") == "summarization"] if "task" in latest else latest[:0]
-    for metric in ("rouge1", "rouge2", "rougeL"):
-        t = method_table(summ, metric, lower_is_better=False)
-        if not t.empty:
-            shown = interval_table(t, lower_is_better=False, digits=3)
-            out += [f"## Summarisation {metric.upper()} F-measure", "", _md(shown), ""]
-    out += lm_eval_section(latest)
-    train = latest[latest.get("stage") == "train"] if "stage" in latest else latest[:0]
-    if not train.empty:
-        piv = train.pivot_table(
-            index=["model", "policy", "budget"], columns="method", values="value", aggfunc="mean"
-        ).reset_index()
-        wins = train.pivot_table(
-            index=["model", "policy", "budget", "layer"], columns="method", values="value"
-        ).reset_index()
-        wins["less_below_plus"] = wins["less"] < wins["baseline_plus"]
-        cnt = wins.groupby(["model", "policy", "budget"])["less_below_plus"].agg(["sum", "count"])
-        piv = piv.merge(cnt.reset_index(), on=["model", "policy", "budget"])
-        piv = piv.rename(
-            columns={
-                "baseline": "Baseline MSE",
-                "baseline_plus": "Baseline+ MSE",
-                "less": "LESS MSE",
-                "sum": "layers LESS < Baseline+",
-                "count": "layers",
-            }
-        )
-        out += [
-            "## Kernel training (validation MSE after o_proj, mean over layers)",
-            "",
-            _md(piv),
-            "",
-        ]
-        out += [f"![{f}](figures/{f})" for f in _layer_figures(train, fig_dir)] + [""]
-    out += longctx_sections(df, fig_dir)  # passkey / needle / RULER-style: lessctl.report_longctx
-    out += bench_sections(df, fig_dir)  # lessctl.report_bench: the newest bench run
-    out += study_sections(df, fig_dir)  # lessctl.report_study: experiment=study's points
-    runs = sorted(set(latest["run"])) if "run" in latest else []
-    out += ["## Runs", ""] + [f"- `{r}`" for r in runs] + [""]
-    path = results_dir / "REPORT.md"
-    path.write_text("\n".join(out))
-    return path
