@@ -33,15 +33,17 @@ SEQ = 48
 
 @pytest.fixture
 def smoke(compose, tmp_path, monkeypatch):
-    """experiment=smoke on a small text file, with kernels trained for the methods that need
-    trained ones (the smoke policy: lambda, budget 16)."""
+    """experiment=smoke on a small text file (the smoke policy: lambda, budget 16); `train()`
+    trains kernels for it, for the methods that need trained ones."""
     monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
     (tmp_path / "t.txt").write_text(TEXT)
     ov = ["experiment=smoke", f"data.path={tmp_path / 't.txt'}", "train.epochs=1"]
-    if any(s.kernels == "trained" for s in specs()):
+
+    def train() -> None:
         E.run(compose(*ov), log=lambda *_: None)
         T.run(compose(*ov), log=lambda *_: None)
-    return ov
+
+    return ov, train
 
 
 def test_names_order_and_labels_come_from_the_registry():
@@ -76,13 +78,14 @@ def test_every_registered_method_builds_and_runs(name, smoke, compose, tiny_mode
     """Each method's declared needs hold for what its builder makes, and it runs teacher-forced
     on the tiny model: Full equals the model's own loss, an evicting one differs from it."""
     spec = REGISTRY[name]
+    ov, train = smoke
+    if spec.kernels == "trained":
+        train()
     model, _ = tiny_model
     geo = attention_geometry(model)
-    cfg = compose(*smoke, f"eval.methods=[{name}]")
+    cfg = compose(*ov, f"eval.methods=[{name}]")
     [m] = build_methods(cfg, geo, SEQ, "cpu", torch.float32)
-    [base] = build_methods(
-        compose(*smoke, "eval.methods=[baseline]"), geo, SEQ, "cpu", torch.float32
-    )
+    [base] = build_methods(compose(*ov, "eval.methods=[baseline]"), geo, SEQ, "cpu", torch.float32)
     assert m.name == name
     assert (m.kernels is None) == (spec.kernels is None)
     if m.kernels is not None:
