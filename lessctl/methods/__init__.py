@@ -21,7 +21,6 @@ from lessctl.methods.base import (
     checkpoint_differences,
     find_checkpoint,
     load_less,
-    performer,
     policy_spec,
     trained_on,
 )
@@ -62,7 +61,6 @@ __all__ = [
     "labels",
     "load_less",
     "method_names",
-    "performer",
     "policy_spec",
     "register_method",
     "specs",

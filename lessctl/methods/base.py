@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from lessctl.errors import LessctlError
 from lessctl.hooks import refuse_unknown_kwargs
 from lessctl.less.attention import parallel_attention
-from lessctl.less.kernels import LayerKernels, kernel_config
+from lessctl.less.kernels import LayerKernels
 from lessctl.methods.registry import MethodContext
 from lessctl.policies.base import Policy, layer_evict_at
 from lessctl.policies.budget import build_policy
@@ -270,23 +270,6 @@ def load_less(cfg: DictConfig, geo: dict[str, int], device, policy: Policy) -> C
         # status and sha256 checked: a layer that was not trained is refused, naming it
         kernels[i] = verified_kernels(path, i, device).eval()
     return Checkpoint(kernels, str(path), man.get("budget"), bool(diffs), trained_on(man))
-
-
-def performer(cfg: DictConfig, geo: dict[str, int], device) -> dict[int, LayerKernels]:
-    """Untrained random-feature kernels (the paper's ablation), seeded per layer."""
-    return {
-        i: LayerKernels(
-            kernel_config(
-                cfg,
-                geo,
-                kind="performer",
-                seed=int(cfg.less.seed) * 1000 + i,
-            )
-        )
-        .to(device)
-        .eval()
-        for i in range(geo["num_layers"])
-    }
 
 
 def build_methods(

@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
-from lessctl.methods.base import Method, performer
+from omegaconf import DictConfig
+
+from lessctl.less.kernels import LayerKernels, kernel_config
+from lessctl.methods.base import Method
 from lessctl.methods.registry import MethodContext, register_method
+
+
+def performer_kernels(cfg: DictConfig, geo: dict[str, int], device) -> dict[int, LayerKernels]:
+    """Untrained random-feature kernels (the paper's ablation), seeded per layer."""
+    return {
+        i: LayerKernels(
+            kernel_config(
+                cfg,
+                geo,
+                kind="performer",
+                seed=int(cfg.less.seed) * 1000 + i,
+            )
+        )
+        .to(device)
+        .eval()
+        for i in range(geo["num_layers"])
+    }
 
 
 @register_method("performer", "Performer", 4, kernels="random")
 def build(ctx: MethodContext) -> Method:
-    return Method("performer", ctx.policy, performer(ctx.cfg, ctx.geo, ctx.device))
+    return Method("performer", ctx.policy, performer_kernels(ctx.cfg, ctx.geo, ctx.device))

@@ -1,0 +1,35 @@
+"""`kernel_config` (lessctl.less.kernels): the one KernelConfig built from a composed config."""
+
+from dataclasses import asdict
+
+from lessctl.less.kernels import KernelConfig, kernel_config
+from lessctl.methods.performer import performer_kernels
+from lessctl.training.spec import kernel_config as training_kernel_config
+
+GEO = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "num_layers": 2}
+
+
+def test_kernel_config_reads_every_less_key_and_applies_overrides(compose):
+    cfg = compose("less.rank=4", "less.hidden=24", "less.seed=3", "less.kind=performer")
+    kc = kernel_config(cfg, GEO)
+    assert kc == KernelConfig(
+        4,
+        2,
+        16,
+        rank=4,
+        hidden=24,
+        dropout=float(cfg.less.dropout),
+        init_scale=float(cfg.less.init_scale),
+        kind="performer",
+        seed=3,
+    )
+    assert kc == training_kernel_config(cfg, GEO)  # what training builds: the same
+    off = kernel_config(cfg, GEO, dropout=0.0, seed=7)
+    assert asdict(off) == {**asdict(kc), "dropout": 0.0, "seed": 7}
+
+
+def test_performer_kernels_are_seeded_per_layer(compose):
+    cfg = compose("less.rank=4", "less.seed=2")
+    kern = performer_kernels(cfg, GEO, "cpu")
+    assert [k.cfg.seed for k in kern.values()] == [2000, 2001]
+    assert all(k.cfg.kind == "performer" and k.cfg.rank == 4 for k in kern.values())
