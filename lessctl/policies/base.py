@@ -222,13 +222,23 @@ def layer_evict_at(
     scale: float | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    v: Tensor | None = None,
+    kernels: object | None = None,
 ) -> Tensor:
     """The policy's decision on a layer with its own window and soft-capping (module doc):
-    q [B,H,S,d], k [B,Hkv,S,d] -> evict_at [B,Hkv,S] with ``evict_at[j] <= j + window``."""
+    q [B,H,S,d], k [B,Hkv,S,d] -> evict_at [B,Hkv,S] with ``evict_at[j] <= j + window``.
+    A state-aware policy (``state_aware``, e.g. ``recall``) given the layer's values v
+    [B,Hkv,S,d] and ``kernels`` (anything with ``log_psi(k)``) decides with the LESS state
+    (:func:`lessctl.policies.recall.recall_evict_at`); without them it decides as its base."""
     if window is not None and window < 1:
         raise ValueError(f"sliding window must be >= 1, got {window}")
     if window is not None and (policy.budget is None or window <= policy.budget):
         return expire(never_evicted(k), window)  # the window is inside the budget
+    if getattr(policy, "state_aware", False) and kernels is not None and v is not None:
+        from lessctl.policies.recall import recall_evict_at, refuse_window
+
+        refuse_window(policy, window)
+        return recall_evict_at(policy, q, k, v, kernels.log_psi, scale, softcap)  # type: ignore[attr-defined, arg-type]
     if window is None and softcap is None:
         return policy.evict_at(q, k, scale)
     return sequential_evict_at(policy, q, k, scale, window, softcap)

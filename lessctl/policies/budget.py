@@ -16,6 +16,8 @@ Config schema (a mapping)::
     per_head: false                 # tova: true = one choice per KV head, not per layer
     recent_ratio: 0.5               # composite: share of budget - sink for the recent window
     weights: {h2o: 1.0, tova: 1.0}  # composite: the score ensemble's weights
+    base: h2o                       # recall: the underlying policy (h2o, tova, composite)
+    pool: 4                         # recall: candidates the base would evict first
 
 Fractions follow the official LESS code: ``int(size * ref)``; for h2o each part separately,
 ``heavy = int(size * heavy_ratio * ref)``, ``recent = int(size * (1 - heavy_ratio) * ref)``
@@ -81,6 +83,8 @@ def build_policy(cfg: Mapping[str, Any], *, seq_len: int, max_position_embedding
     name = cfg.get("name")
     if name not in POLICIES:
         raise InputError(f"unknown policy name {name!r}; allowed: {', '.join(sorted(POLICIES))}")
+    if name == "recall":
+        return _recall(cfg, seq_len, max_position_embeddings)
     if name == "full":
         return get_policy("full")
     b = cfg.get("budget")
@@ -145,6 +149,23 @@ def _composite(cfg: Mapping[str, Any], total: int) -> Policy:
         w_h2o=float(w.get("h2o", 1.0)),
         w_tova=float(w.get("tova", 1.0)),
     )
+
+
+def _recall(cfg: Mapping[str, Any], seq_len: int, max_position_embeddings: int) -> Policy:
+    """recall: the ``base`` policy built from the same config (its own keys and the budget),
+    and ``pool`` (an int >= 1)."""
+    from lessctl.policies.recall import BASES
+
+    base, pool = cfg.get("base", "h2o"), cfg.get("pool", 4)
+    if base not in BASES:
+        raise InputError(f"policy base={base!r} is invalid; allowed: {', '.join(BASES)}")
+    if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1:
+        raise InputError(f"policy pool={pool!r} is invalid; allowed: an int >= 1")
+    rest = {k: v for k, v in cfg.items() if k not in ("name", "base", "pool")}
+    inner = build_policy(
+        {**rest, "name": base}, seq_len=seq_len, max_position_embeddings=max_position_embeddings
+    )
+    return get_policy("recall", base=inner, pool=pool)
 
 
 def _flag(cfg: Mapping[str, Any], key: str) -> bool:
