@@ -21,7 +21,12 @@ RECALL = ["policy=recall", "policy.pool=4"]
 
 def strong(geo: dict, seed: int = 1) -> LayerKernels:
     kc = KernelConfig(
-        geo["num_heads"], geo["num_kv_heads"], geo["head_dim"], rank=4, hidden=32, dropout=0.0,
+        geo["num_heads"],
+        geo["num_kv_heads"],
+        geo["head_dim"],
+        rank=4,
+        hidden=32,
+        dropout=0.0,
         init_scale=1.0,
     )
     with torch.random.fork_rng():

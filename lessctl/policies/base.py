@@ -89,6 +89,34 @@ def get_policy(name: str, **params: object) -> Policy:
     return POLICIES[name](**params)
 
 
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A policy config's budget as :func:`lessctl.policies.budget.build_policy` resolved it:
+    ``size`` as configured (an int: tokens; a float: a fraction of ``ref``), ``ref`` the length
+    it is a fraction of, and the evaluated context ``seq_len``."""
+
+    size: int | float
+    ref: int
+    seq_len: int
+
+    def share(self, r: float) -> int:
+        """Tokens for share ``r`` of the budget (the official LESS code's ``int(size * r *
+        ref)`` for fractions, ``int(size * r)`` for token counts)."""
+        return int(self.size * r) if isinstance(self.size, int) else int(self.size * r * self.ref)
+
+    @property
+    def total(self) -> int:
+        return self.share(1.0)
+
+
+def config_flag(cfg: Mapping[str, object], key: str) -> bool:
+    """A boolean policy key (default false); anything else is refused in one line."""
+    v = cfg.get(key, False)
+    if not isinstance(v, bool):
+        raise InputError(f"policy {key}={v!r} is invalid; allowed: true or false")
+    return v
+
+
 def default_scale(d: int, scale: float | None) -> float:
     """The logit scale: ``scale`` or ``1 / sqrt(d)``."""
     return 1.0 / math.sqrt(d) if scale is None else scale
@@ -152,9 +180,23 @@ class Policy:
 
     name: ClassVar[str]
     config_keys: ClassVar[Mapping[str, Rule]] = {}
+    has_budget: ClassVar[bool] = True  # its config has budget.size (all but full)
     accumulates: ClassVar[bool] = False
     needs_probs: ClassVar[bool] = False
     budget: int | None  # a dataclass field or a property in each subclass
+
+    @classmethod
+    def budget_tokens(cls, cfg: Mapping[str, object], b: Budget) -> int:
+        """The tokens this policy keeps under budget ``b`` (checked against 1 and the context
+        by ``build_policy`` before :meth:`from_config`); default ``b.total``."""
+        return b.total
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object], b: Budget, total: int) -> Policy:
+        """The policy of config ``cfg`` (``conf/policy/<name>.yaml``) keeping ``total`` tokens
+        (:meth:`budget_tokens`); its own keys are validated here, in one line each.
+        Default: ``cls(budget=total)``."""
+        return cls(budget=total)  # type: ignore[call-arg]
 
     def accumulate(
         self, acc: Tensor, probs: Tensor, rows: Tensor, positions: Tensor, first_evict: Tensor

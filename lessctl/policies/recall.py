@@ -47,8 +47,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lessctl.errors import LessctlError
+from lessctl.errors import InputError, LessctlError
 from lessctl.policies.base import (
+    Budget,
     Policy,
     argmin_earliest,
     capped,
@@ -96,6 +97,27 @@ class Recall(Policy):
         **Composite.config_keys,
     }
     state_aware: ClassVar[bool] = True
+
+    @classmethod
+    def _base_class(cls, cfg: Mapping[str, object]) -> type[Policy]:
+        from lessctl.policies.base import POLICIES
+
+        base = cfg.get("base", "h2o")
+        if base not in BASES:
+            raise InputError(f"policy base={base!r} is invalid; allowed: {', '.join(BASES)}")
+        return POLICIES[base]  # type: ignore[index]
+
+    @classmethod
+    def budget_tokens(cls, cfg: Mapping[str, object], b: Budget) -> int:
+        return cls._base_class(cfg).budget_tokens(cfg, b)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object], b: Budget, total: int) -> Recall:
+        """The ``base`` policy from the same config (its own keys), and ``pool``."""
+        base, pool = cls._base_class(cfg), cfg.get("pool", 4)
+        if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1:
+            raise InputError(f"policy pool={pool!r} is invalid; allowed: an int >= 1")
+        return cls(base.from_config(cfg, b, total), pool)
 
     def __post_init__(self) -> None:
         if self.base.name not in BASES:
