@@ -203,3 +203,18 @@ def test_policies_own_their_config():
         assert got == Halves(budget=8)
     finally:
         POLICIES.pop("halves-test")
+
+
+def test_attention_helpers_live_on_the_ground_floor():
+    """lessctl/policies/attn.py imports nothing of lessctl; base.py keeps the old names."""
+    import ast
+    import inspect
+
+    from lessctl.policies import attn, base
+
+    tree = ast.parse(inspect.getsource(attn))
+    mods = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    mods += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert mods and not any(m.startswith("lessctl") for m in mods if m)
+    for name in ("default_scale", "capped", "group_probs", "keep_mask", "never_evicted"):
+        assert getattr(base, name) is getattr(attn, name)
