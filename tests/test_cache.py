@@ -10,7 +10,7 @@ from lessctl.decoding import stream_logits
 from lessctl.hooks import use_attention
 from lessctl.less.kernels import KernelConfig, LayerKernels
 from lessctl.methods import ParallelAttention
-from lessctl.policies import get_policy
+from lessctl.policies import H2O, TOVA, get_policy
 
 POLICIES = {
     "lambda": dict(sink=2, recent=14),
@@ -18,6 +18,8 @@ POLICIES = {
     "tova": dict(budget=16),
     "snapkv": dict(heavy=10, window=6, kernel=5),
     "composite": dict(sink=2, heavy=7, recent=7, w_h2o=1.0, w_tova=0.5),
+    "recall": dict(base=H2O(8, 8), pool=4),
+    "recall-tova": dict(base=TOVA(16), pool=3),
 }
 
 
@@ -60,7 +62,7 @@ def streamed_with_cache(model, ids, policy, kernels):
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_streaming_equals_parallel_form(tiny_model, name, with_kernels):
     model, _ = tiny_model
-    policy = get_policy(name, **POLICIES[name])
+    policy = get_policy(name.split("-")[0], **POLICIES[name])
     kernels = strong_kernels(model) if with_kernels else None
     ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(3))
     ref = parallel_logits(model, ids, policy, kernels)
@@ -172,3 +174,23 @@ def test_streaming_equals_parallel_smollm2(smollm2, name, params):
     got = stream_logits(model, ids, policy, kernels, chunk=96)
     assert (got - ref).abs().max().item() < 1e-4
     assert (ref - parallel_logits(model, ids, policy, None)).abs().max().item() > 1.0
+
+
+def test_recall_with_kernels_refuses_several_evictions_at_one_row(tiny_model):
+    """recall with a state evicts one key per row (each eviction changes the state the next
+    reads): a prompt past the budget is refused in one line; without kernels it is the base's."""
+    from lessctl.errors import LessctlError
+
+    model, _ = tiny_model
+    policy = get_policy("recall", base=H2O(8, 8), pool=4)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(8))
+    for kernels in (strong_kernels(model), None):
+        cache = EvictingCache.for_model(model, policy, kernels, protocol="prompt")
+        with cache.attached(model), torch.no_grad():
+            model(ids[:, :29], cache=cache, use_cache=True)
+            if kernels is None:
+                model(ids[:, 29:], cache=cache, use_cache=True)
+                assert cache.layers[0].positions.shape[-1] == 16
+                continue
+            with pytest.raises(LessctlError, match="one key per row.*protocol=streaming"):
+                model(ids[:, 29:], cache=cache, use_cache=True)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lessctl.cache.eviction import evict_many, first_true, with_new
 from lessctl.cache.store import KeptStore
+from lessctl.errors import LessctlError
 from lessctl.less.frozen import FrozenKernels
 from lessctl.less.state import LowRankState
 from lessctl.policies.base import Policy, group_probs
@@ -99,6 +100,35 @@ def position_groups(t: Tensor, sel: Tensor) -> list[tuple[int, Tensor | None]]:
     return [(int(x), (sel & (t == x)).nonzero()[:, 0]) for x in vals]
 
 
+def _evict_recall(s, policy, kernels, r, K, V, P, A, probs, vidx, tv, count) -> Tensor:
+    """A state-aware policy (``recall``) with a state: one eviction, the candidates' recall
+    errors under this layer's state (rows ``r``) -> evicted bool [b',Hkv,c]."""
+    from lessctl.policies.recall import recall_error
+
+    if count != 1:
+        raise LessctlError(
+            f"policy={policy.name} with kernels evicts one key per row, not {count} at once (a "
+            "prompt or chunk past the budget); allowed: protocol=streaming"
+        )
+    st = s.state if isinstance(r, slice) else s.state.index_batch(r)
+    gi = vidx[..., None].expand(*vidx.shape, K.shape[-1])
+    kc, vc = K[r][:, :, :-1].gather(2, gi), V[r][:, :, :-1].gather(2, gi)  # [b',Hkv,c,d]
+
+    def recall(idx: Tensor) -> Tensor:
+        at = idx[..., None].expand(*idx.shape, kc.shape[-1])
+        lp = kernels.log_psi(kc.gather(2, at))
+        return recall_error(st.H, st.z, st.offset, lp, vc.gather(2, at))
+
+    slot = policy.select_evict(
+        tv,
+        with_new(P[r], vidx),
+        with_new(A[r], vidx) if A is not None else None,
+        probs,
+        recall,
+    )
+    return torch.nn.functional.one_hot(slot, vidx.shape[-1]).bool()
+
+
 def evict_row(
     s: KeptStore,
     policy: Policy,
@@ -115,6 +145,10 @@ def evict_row(
     drop expired keys, evict down to the budget (folding into the state), append the new key."""
     b, hkv, _, d = k.shape
     n = policy.budget
+    if getattr(policy, "state_aware", False) and s.state is not None:
+        from lessctl.policies.recall import refuse_window
+
+        refuse_window(policy, window)
     real = t >= 0
     newpos = torch.where(real, t, -1)[:, None, None].expand(b, hkv, 1)
     count = (s.positions[:, 0] >= 0).sum(-1)  # [B] kept tokens before this row
@@ -152,14 +186,17 @@ def evict_row(
                 gi = vidx[..., None].expand(*vidx.shape, d)
                 cand = torch.cat([K[r][:, :, :-1].gather(2, gi), k[r]], 2)
                 probs = group_probs(q[r], cand, scale, None, softcap)[:, :, 0]
-            e = evict_many(
-                policy,
-                tv,
-                with_new(P[r], vidx),
-                with_new(A[r], vidx) if A is not None else None,
-                probs,
-                count_r,
-            )
+            if getattr(policy, "state_aware", False) and s.state is not None:
+                e = _evict_recall(s, policy, kernels, r, K, V, P, A, probs, vidx, tv, count_r)
+            else:
+                e = evict_many(
+                    policy,
+                    tv,
+                    with_new(P[r], vidx),
+                    with_new(A[r], vidx) if A is not None else None,
+                    probs,
+                    count_r,
+                )
             full = torch.zeros_like(valid[r])
             full[..., :-1].scatter_(-1, vidx, e)
             ev[r] = full & ~(ngone > 0)[..., None] if x != int(ngone.min()) else full

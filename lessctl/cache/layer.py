@@ -263,8 +263,8 @@ class EvictingLayer(CacheLayerMixin):
         """Enter the packed steady state once every slot of every sequence is full (``group``:
         query heads per KV head)."""
         n, window, s = self.policy.budget, self.window, self.store
-        if n is None:
-            return
+        if n is None or (getattr(self.policy, "state_aware", False) and s.state is not None):
+            return  # recall with a state decides on the general path (policies/recall.py)
         cap = n if window is None else min(n, window)
         if s.positions.shape[-1] != cap or not bool((s.positions >= 0).all()):
             return

@@ -92,10 +92,14 @@ class ParallelAttention:
         **kw,
     ):
         refuse_unknown_kwargs(module, kw)
-        ev = layer_evict_at(self.policy, query, key, scaling, sliding_window, softcap)
-        features = {}
+        kern = None
         if self.kernels is not None:
             kern = self.kernels[module.layer_idx].to(query.device)  # follows the layer's device
+        ev = layer_evict_at(
+            self.policy, query, key, scaling, sliding_window, softcap, v=value, kernels=kern
+        )
+        features = {}
+        if kern is not None:
             if kern.log_features:  # Performer: exp(features) over/underflows fp32
                 features = {"log_phi_q": kern.log_phi(query), "log_psi_k": kern.log_psi(key)}
             else:
@@ -135,8 +139,13 @@ class CheckpointNotFound(LessctlError):
 
 
 def policy_spec(policy: Policy) -> dict[str, Any]:
-    """The resolved policy with its split, e.g. {name: lambda, sink: 4, recent: 28}."""
-    return {"name": policy.name, **dataclasses.asdict(policy)}
+    """The resolved policy with its split, e.g. {name: lambda, sink: 4, recent: 28} (a policy
+    inside a policy, recall's base, as its own spec)."""
+    fields = {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)}  # type: ignore[arg-type]
+    return {
+        "name": policy.name,
+        **{k: policy_spec(v) if isinstance(v, Policy) else v for k, v in fields.items()},
+    }
 
 
 def _fmt_spec(spec: dict[str, Any] | None) -> str:

@@ -19,6 +19,7 @@ from lessctl.policies.full import Full
 from lessctl.policies.h2o import H2O
 from lessctl.policies.lambda_mask import LambdaMask
 from lessctl.policies.random_policy import RandomPolicy
+from lessctl.policies.recall import Recall
 from lessctl.policies.recent import Recent
 from lessctl.policies.snapkv import SnapKV
 from lessctl.policies.tova import TOVA
@@ -32,6 +33,7 @@ __all__ = [
     "LambdaMask",
     "Policy",
     "RandomPolicy",
+    "Recall",
     "Recent",
     "SnapKV",
     "baseline_plus",

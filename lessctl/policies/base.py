@@ -62,7 +62,6 @@ expired, ``evict_at[j] < j + w`` means the policy evicted it and the state holds
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -70,6 +69,15 @@ import torch
 from torch import Tensor
 
 from lessctl.errors import InputError
+from lessctl.policies.attn import (  # noqa: F401  (re-exported: the names of old)
+    argmin_earliest,
+    capped,
+    default_scale,
+    expire,
+    group_probs,
+    keep_mask,
+    never_evicted,
+)
 from lessctl.schema import Rule
 
 POLICIES: dict[str, type[Policy]] = {}
@@ -89,55 +97,32 @@ def get_policy(name: str, **params: object) -> Policy:
     return POLICIES[name](**params)
 
 
-def default_scale(d: int, scale: float | None) -> float:
-    """The logit scale: ``scale`` or ``1 / sqrt(d)``."""
-    return 1.0 / math.sqrt(d) if scale is None else scale
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A policy config's budget as :func:`lessctl.policies.budget.build_policy` resolved it:
+    ``size`` as configured (an int: tokens; a float: a fraction of ``ref``), ``ref`` the length
+    it is a fraction of, and the evaluated context ``seq_len``."""
+
+    size: int | float
+    ref: int
+    seq_len: int
+
+    def share(self, r: float) -> int:
+        """Tokens for share ``r`` of the budget (the official LESS code's ``int(size * r *
+        ref)`` for fractions, ``int(size * r)`` for token counts)."""
+        return int(self.size * r) if isinstance(self.size, int) else int(self.size * r * self.ref)
+
+    @property
+    def total(self) -> int:
+        return self.share(1.0)
 
 
-def capped(s: Tensor, softcap: float | None) -> Tensor:
-    """Logit soft-capping ``softcap * tanh(s / softcap)`` (identity for ``None``)."""
-    return s if softcap is None else torch.tanh(s / softcap) * softcap
-
-
-def group_probs(
-    q: Tensor,
-    k: Tensor,
-    scale: float | None = None,
-    mask: Tensor | None = None,
-    softcap: float | None = None,
-) -> Tensor:
-    """Softmax of ``q`` over keys ``k``, summed over each KV group's query heads (fp32 or wider).
-
-    q [B,H,T,d], k [B,Hkv,n,d], mask (True = attend) broadcastable to [B,Hkv,1,T,n]
-    -> [B,Hkv,T,n].
-    """
-    b, h, t, d = q.shape
-    hkv = k.shape[1]
-    dt = torch.promote_types(q.dtype, torch.float32)
-    qg = q.to(dt).view(b, hkv, h // hkv, t, d)
-    s = capped(torch.einsum("bkgtd,bknd->bkgtn", qg, k.to(dt)) * default_scale(d, scale), softcap)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    return s.softmax(-1).sum(2)
-
-
-def keep_mask(evict_at: Tensor) -> Tensor:
-    """Dense keep mask: evict_at [B,Hkv,S] -> bool [B,Hkv,S(row t),S(key j)], j <= t < evict_at."""
-    s = evict_at.shape[-1]
-    t = torch.arange(s, device=evict_at.device)
-    return (t[None, :] <= t[:, None]) & (t[:, None] < evict_at[..., None, :])
-
-
-def never_evicted(k: Tensor) -> Tensor:
-    """evict_at for "keep everything": k [B,Hkv,S,d] -> [B,Hkv,S] filled with S."""
-    b, hkv, s = k.shape[:3]
-    return torch.full((b, hkv, s), s, dtype=torch.long, device=k.device)
-
-
-def argmin_earliest(scores: Tensor, positions: Tensor) -> Tensor:
-    """Slot of the lowest score, ties to the earliest position: [...,m], [...,m] -> [...] long."""
-    low = scores == scores.min(-1, keepdim=True).values
-    return torch.where(low, positions, torch.iinfo(torch.long).max).argmin(-1)
+def config_flag(cfg: Mapping[str, object], key: str) -> bool:
+    """A boolean policy key (default false); anything else is refused in one line."""
+    v = cfg.get(key, False)
+    if not isinstance(v, bool):
+        raise InputError(f"policy {key}={v!r} is invalid; allowed: true or false")
+    return v
 
 
 class Policy:
@@ -152,9 +137,23 @@ class Policy:
 
     name: ClassVar[str]
     config_keys: ClassVar[Mapping[str, Rule]] = {}
+    has_budget: ClassVar[bool] = True  # its config has budget.size (all but full)
     accumulates: ClassVar[bool] = False
     needs_probs: ClassVar[bool] = False
     budget: int | None  # a dataclass field or a property in each subclass
+
+    @classmethod
+    def budget_tokens(cls, cfg: Mapping[str, object], b: Budget) -> int:
+        """The tokens this policy keeps under budget ``b`` (checked against 1 and the context
+        by ``build_policy`` before :meth:`from_config`); default ``b.total``."""
+        return b.total
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object], b: Budget, total: int) -> Policy:
+        """The policy of config ``cfg`` (``conf/policy/<name>.yaml``) keeping ``total`` tokens
+        (:meth:`budget_tokens`); its own keys are validated here, in one line each.
+        Default: ``cls(budget=total)``."""
+        return cls(budget=total)  # type: ignore[call-arg]
 
     def accumulate(
         self, acc: Tensor, probs: Tensor, rows: Tensor, positions: Tensor, first_evict: Tensor
@@ -206,15 +205,6 @@ class Policy:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
-def expire(evict_at: Tensor, window: int | None) -> Tensor:
-    """Clamp a decision to a sliding window: evict_at [B,Hkv,S] -> min(evict_at, j + w, S)."""
-    if window is None:
-        return evict_at
-    s = evict_at.shape[-1]
-    j = torch.arange(s, device=evict_at.device)
-    return torch.minimum(evict_at, (j + window).clamp(max=s))
-
-
 def layer_evict_at(
     policy: Policy,
     q: Tensor,
@@ -222,13 +212,23 @@ def layer_evict_at(
     scale: float | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    v: Tensor | None = None,
+    kernels: object | None = None,
 ) -> Tensor:
     """The policy's decision on a layer with its own window and soft-capping (module doc):
-    q [B,H,S,d], k [B,Hkv,S,d] -> evict_at [B,Hkv,S] with ``evict_at[j] <= j + window``."""
+    q [B,H,S,d], k [B,Hkv,S,d] -> evict_at [B,Hkv,S] with ``evict_at[j] <= j + window``.
+    A state-aware policy (``state_aware``, e.g. ``recall``) given the layer's values v
+    [B,Hkv,S,d] and ``kernels`` (anything with ``log_psi(k)``) decides with the LESS state
+    (:func:`lessctl.policies.recall.recall_evict_at`); without them it decides as its base."""
     if window is not None and window < 1:
         raise ValueError(f"sliding window must be >= 1, got {window}")
     if window is not None and (policy.budget is None or window <= policy.budget):
         return expire(never_evicted(k), window)  # the window is inside the budget
+    if getattr(policy, "state_aware", False) and kernels is not None and v is not None:
+        from lessctl.policies.recall import recall_evict_at, refuse_window
+
+        refuse_window(policy, window)
+        return recall_evict_at(policy, q, k, v, kernels.log_psi, scale, softcap)  # type: ignore[attr-defined, arg-type]
     if window is None and softcap is None:
         return policy.evict_at(q, k, scale)
     return sequential_evict_at(policy, q, k, scale, window, softcap)

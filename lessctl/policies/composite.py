@@ -28,7 +28,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lessctl.policies.base import Policy, register
+from lessctl.errors import InputError
+from lessctl.policies.base import Budget, Policy, register
 from lessctl.schema import Rule, int_at_least, number
 
 TINY = 1e-30  # a sum of scores that is 0 (no row attended yet) divides nothing
@@ -53,6 +54,30 @@ class Composite(Policy):
     }
     accumulates: ClassVar[bool] = True
     needs_probs: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object], b: Budget, total: int) -> Composite:
+        """sink, then ``recent = max(1, int((total - sink) * recent_ratio))``, the rest heavy;
+        ``weights``: {h2o, tova} (numbers >= 0)."""
+        sink, ratio = cfg.get("sink", 4), cfg.get("recent_ratio", 0.5)
+        if not isinstance(sink, int) or not 0 <= sink < total:
+            raise InputError(f"policy sink={sink!r} is invalid; allowed: an int in [0, {total})")
+        if not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0:
+            raise InputError(
+                f"policy recent_ratio={ratio!r} is invalid; allowed: a number in [0, 1]"
+            )
+        recent = max(1, int((total - sink) * ratio))
+        w = dict(cfg.get("weights") or {})  # type: ignore[call-overload]
+        for key in w:
+            if key not in ("h2o", "tova"):
+                raise InputError(f"policy weights.{key} is not a score; allowed: h2o, tova")
+        return cls(
+            sink=sink,
+            heavy=total - sink - recent,
+            recent=recent,
+            w_h2o=float(w.get("h2o", 1.0)),
+            w_tova=float(w.get("tova", 1.0)),
+        )
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.heavy < 0 or self.recent < 1:

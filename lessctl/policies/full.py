@@ -16,6 +16,11 @@ class Full(Policy):
     """Keep every token; ``budget`` is ``None``."""
 
     name: ClassVar[str] = "full"
+    has_budget: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, cfg, b, total) -> Full:  # type: ignore[override]
+        return cls()
 
     @property
     def budget(self) -> None:  # type: ignore[override]

@@ -23,7 +23,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lessctl.policies.base import Policy, register
+from lessctl.errors import InputError
+from lessctl.policies.base import Budget, Policy, register
 from lessctl.schema import Rule, number
 
 
@@ -45,6 +46,24 @@ class H2O(Policy):
     @property
     def budget(self) -> int:  # type: ignore[override]
         return self.heavy + self.recent
+
+    @classmethod
+    def _split(cls, cfg: Mapping[str, object], b: Budget) -> tuple[int, int]:
+        r = cfg.get("heavy_ratio", 0.5)
+        if not isinstance(r, int | float) or not 0.0 <= r <= 1.0:
+            raise InputError(f"policy heavy_ratio={r!r} is invalid; allowed: a float in [0, 1]")
+        heavy = b.share(r)
+        recent = b.total - heavy if isinstance(b.size, int) else b.share(1.0 - r)
+        return heavy, recent
+
+    @classmethod
+    def budget_tokens(cls, cfg: Mapping[str, object], b: Budget) -> int:
+        """Each part resolved separately (``heavy = int(size * heavy_ratio * ref)``, ...)."""
+        return sum(cls._split(cfg, b))
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object], b: Budget, total: int) -> H2O:
+        return cls(*cls._split(cfg, b))
 
     def eviction_scores(
         self,

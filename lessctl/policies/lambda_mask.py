@@ -19,7 +19,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lessctl.policies.base import Policy, register
+from lessctl.errors import InputError
+from lessctl.policies.base import Budget, Policy, register
 from lessctl.schema import Rule, int_at_least
 
 
@@ -47,6 +48,13 @@ class LambdaMask(Policy):
     recent: int = 64
     name: ClassVar[str] = "lambda"
     config_keys: ClassVar[Mapping[str, Rule]] = {"sink": int_at_least(0)}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object], b: Budget, total: int) -> LambdaMask:
+        sink = cfg.get("sink", 4)
+        if not isinstance(sink, int) or not 0 <= sink < total:
+            raise InputError(f"policy sink={sink!r} is invalid; allowed: an int in [0, {total})")
+        return cls(sink=sink, recent=total - sink)
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.recent < 1:

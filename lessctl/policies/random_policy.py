@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lessctl.policies.base import Policy, register
+from lessctl.policies.base import Budget, Policy, register
 from lessctl.schema import Rule, int_at_least
 
 _M32 = 0xFFFFFFFF
@@ -51,6 +51,10 @@ class RandomPolicy(Policy):
     seed: int = 0
     name: ClassVar[str] = "random"
     config_keys: ClassVar[Mapping[str, Rule]] = {"seed": int_at_least(0)}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object], b: Budget, total: int) -> RandomPolicy:
+        return cls(budget=total, seed=int(cfg.get("seed", 0)))  # type: ignore[call-overload]
 
     def __post_init__(self) -> None:
         if self.budget < 1:

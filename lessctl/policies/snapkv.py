@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lessctl.errors import InputError
-from lessctl.policies.base import Policy, register
+from lessctl.policies.base import Budget, Policy, config_flag, register
 from lessctl.schema import BOOL, Rule, any_of, int_at_least, number, odd_int, one_of
 
 POOLINGS = ("avg", "max")
@@ -100,6 +100,37 @@ class SnapKV(Policy):
     pool_across_window: bool = False
     name: ClassVar[str] = "snapkv"
     accumulates: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object], b: Budget, total: int) -> SnapKV:
+        """``window`` tokens of the budget for the window, one for the decoded token (unless
+        ``pool_across_window``), the rest kept by score."""
+        across = config_flag(cfg, "pool_across_window")
+        top = total if across else total - 1  # the most window tokens the budget holds
+        w = cfg.get("window", 0.5)
+        ok_int = isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= top
+        if not (ok_int or (isinstance(w, float) and 0.0 < w < 1.0)):
+            why = "" if across else " (the decoded token takes one token of the budget)"
+            raise InputError(
+                f"policy window={w!r} is invalid for a budget of {total} tokens; allowed: an int "
+                f"in [1, {top}] (tokens of the budget{why}) or a float in (0, 1) (share of the "
+                "budget)"
+            )
+        if isinstance(w, float):
+            w = max(1, int(w * total))
+            if w > top:
+                raise InputError(
+                    f"policy budget of {total} token(s) leaves no room for snapkv's window "
+                    "beside the decoded token; allowed: a budget of >= 2 tokens, or "
+                    "pool_across_window=true"
+                )
+        return cls(
+            heavy=top - w,  # type: ignore[operator]
+            window=w,  # type: ignore[arg-type]
+            kernel=cfg.get("kernel", 5),  # type: ignore[arg-type]
+            pooling=cfg.get("pooling", "avg"),  # type: ignore[arg-type]
+            pool_across_window=across,
+        )
 
     def __post_init__(self) -> None:
         if self.heavy < 0 or self.window < 1:

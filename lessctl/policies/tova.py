@@ -30,7 +30,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from lessctl.errors import InputError
-from lessctl.policies.base import Policy, register
+from lessctl.policies.base import Budget, Policy, config_flag, register
 from lessctl.schema import BOOL, Rule
 
 
@@ -44,6 +44,10 @@ class TOVA(Policy):
     per_head: bool = False
     name: ClassVar[str] = "tova"
     needs_probs: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object], b: Budget, total: int) -> TOVA:
+        return cls(budget=total, per_head=config_flag(cfg, "per_head"))
 
     def __post_init__(self) -> None:
         if self.budget < 1:

@@ -62,9 +62,18 @@ def full_attention(
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def decisions(policy, q: torch.Tensor, k: torch.Tensor, view: LayerView) -> torch.Tensor:
-    """The policy's ``evict_at`` [n,Hkv,S] for q [n,H,S,d], k [n,Hkv,S,d] (fp32)."""
-    return layer_evict_at(policy, q, k, view.scale, view.window, view.softcap)
+def decisions(
+    policy,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    view: LayerView,
+    v: torch.Tensor | None = None,
+    kernels: LayerKernels | None = None,
+) -> torch.Tensor:
+    """The policy's ``evict_at`` [n,Hkv,S] for q [n,H,S,d], k [n,Hkv,S,d] (fp32); a
+    state-aware policy (``recall``) decides with ``kernels`` and v [n,Hkv,S,d] when given
+    (else as its base policy)."""
+    return layer_evict_at(policy, q, k, view.scale, view.window, view.softcap, v=v, kernels=kernels)
 
 
 def fixed_part(

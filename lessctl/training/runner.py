@@ -112,7 +112,9 @@ def train_layer(
     train_seqs, val_seqs = split_sequences(
         chunks, chunk_sizes(store), t.val_fraction, t.max_train_sequences
     )
-    mode = data.prepare(sorted({c for c, _ in train_seqs}), sorted({c for c, _ in val_seqs}))
+    roles = sorted({c for c, _ in train_seqs}), sorted({c for c, _ in val_seqs})
+    mode = data.prepare(*roles)
+    state_aware = getattr(policy, "state_aware", False)  # recall: decisions follow the kernels
     bs = int(t.batch_size)
 
     def validate() -> dict[str, float]:
@@ -134,6 +136,8 @@ def train_layer(
         if not trainer.end_epoch(epoch):
             log(f"layer {layer}: {trainer.status}; not marked finished (a re-run retrains it)")
             break
+        if state_aware:  # epoch e + 1 trains on, and epoch e validates, these kernels' decisions
+            mode = data.redecide(trainer.kern, *roles)
         trainer.record(epoch, validate())
         log(trainer.log_line(trainer.tok / (time.perf_counter() - t0), mode))
     metrics = layer_metrics(
@@ -157,7 +161,15 @@ def run(cfg: DictConfig, log=print) -> tuple[Path, list[dict[str, Any]]]:
     if source not in SOURCES:
         raise LessctlError(f"train.source={source!r} is invalid; allowed: {', '.join(SOURCES)}")
     if source == "online":
+        from lessctl.policies import POLICIES
         from lessctl.training.sources.online import run as run_online
+
+        name = cfg.policy.get("name")
+        if getattr(POLICIES.get(name), "state_aware", False):
+            raise LessctlError(
+                f"policy={name} (decisions that follow the kernels) trains with "
+                "train.source=shards only; allowed with online: the other policies"
+            )
 
         return run_online(cfg, log)
     store = activations(cfg)

@@ -1,6 +1,8 @@
 """Training from activation shards (`train.source=shards`): one extraction on disk, re-used by
 many training runs. Each layer is trained in turn; :class:`LayerData` reads that layer's q, k, v
-and precomputes what does not depend on φ/ψ (:func:`lessctl.training.objective.fixed_part`)."""
+and precomputes what does not depend on φ/ψ (:func:`lessctl.training.objective.fixed_part`).
+A state-aware policy's decisions do depend on them (``recall``): they are remade after every
+epoch with the kernels of that moment (:meth:`LayerData.redecide`, called by the runner)."""
 
 from __future__ import annotations
 
@@ -96,6 +98,7 @@ class LayerData:
         self.window, self.softcap, self.scale = self.view.window, self.view.softcap, self.view.scale
         if not self.w:
             raise ShardError(f"o_proj weights of layer {layer} missing in {store.root}")
+        self.kernels = None  # a state-aware policy's kernels for its decisions (:meth:`redecide`)
         self.resident: dict[int, dict[str, torch.Tensor]] | None = None
         self.max_evicted: int | None = None  # the most keys a 128-row chunk evicts (static shapes)
 
@@ -111,7 +114,9 @@ class LayerData:
         over many chunks instead of one per chunk (exactly the same decisions, per sequence)."""
         q = torch.cat([r["q"] for r in raws]).to(torch.float32)
         k = torch.cat([r["k"] for r in raws]).to(torch.float32)
-        ev = decisions(policy, q, k, self.view)
+        kern = self.kernels if policy is self.policy else None
+        v = torch.cat([r["v"] for r in raws]).to(torch.float32) if kern is not None else None
+        ev = decisions(policy, q, k, self.view, v, kern)
         return list(ev.split([r["q"].shape[0] for r in raws]))
 
     def _precompute(
@@ -126,7 +131,7 @@ class LayerData:
         dt = raw["q"].dtype
         q, k, v = (raw[n].to(torch.float32) for n in ("q", "k", "v"))
         if ev is None:
-            ev = decisions(self.policy, q, k, self.view)
+            ev = decisions(self.policy, q, k, self.view, v, self.kernels)
         if validation and ev_plus is None:
             ev_plus = decisions(self.plus, q, k, self.view)
         pre = fixed_part(q, k, v, self.w, self.view, ev, ev_plus if validation else None)
@@ -171,6 +176,19 @@ class LayerData:
         self.resident = held if mode == "memory" else None
         self.max_evicted = int(bound)  # one host sync per layer
         return mode
+
+    def redecide(self, kernels, train_chunks: list[int], val_chunks: list[int]) -> str:
+        """A state-aware policy (``recall``): remake the decisions with ``kernels`` (a frozen
+        copy, eval mode) and everything computed from them. The precomputed parts held in
+        memory or on disk were made with the previous decisions: they are dropped (the
+        folder emptied) before :meth:`prepare` runs again. Returns its mode."""
+        import copy
+        import shutil
+
+        self.kernels = copy.deepcopy(kernels).eval()
+        self.resident = None
+        shutil.rmtree(self.cache, ignore_errors=True)
+        return self.prepare(train_chunks, val_chunks)
 
     def _decided(self, roles: list[tuple[int, bool]]):
         """(chunk, validation, raw, evict_at, Baseline+'s evict_at or None) per role, the
