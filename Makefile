@@ -47,8 +47,8 @@ clean:
 # passkey grid; lm-eval's WikiText measure and a multiple-choice task; the decode bench (1k, 8k,
 # 16k tokens; interleaved at 1k: latency ratios and throughput at equal memory). Every run is
 # labelled run_name=reproduce and the report holds only those runs. The two policies' kernels
-# train online (experiment=cpu: train.source=online), both fed by one forward pass over the
-# text per batch (train.policies): no activations are written.
+# train side by side (joblib), each job with half the cores: the small kernels' steps use two
+# threads poorly.
 LESS    := $(BIN)/lessctl
 CPU     := experiment=cpu run_name=reproduce
 NPROC   := $(shell nproc 2>/dev/null || echo 2)
@@ -64,7 +64,8 @@ LMEVAL  := task=lm_eval policy=lambda policy.budget.size=32 eval.window=512 lm_e
 
 reproduce: install
 	$(LESS) assets
-	$(LESS) train $(CPU) 'train.policies=[lambda,h2o]' policy.budget.size=32
+	$(LESS) extract $(CPU)
+	$(LESS) train -m $(CPU) policy=lambda,h2o policy.budget.size=32 $(JOBS)
 	for task in wikitext2 pg19; do \
 	  $(LESS) eval $(CPU) task=$$task policy=lambda $(PPL) \
 	    'eval.methods=[full,baseline,baseline_plus,less]' || exit 1; \
