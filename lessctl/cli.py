@@ -255,49 +255,61 @@ def train(
 
 
 def train_job(cfg: DictConfig, overrides: list[str]) -> None:
-    """One `lessctl train` run: train, save the run folder's rows, print the MSE table."""
-    from lessctl import train as T
+    """One `lessctl train` run: train (every target of train.policies × train.budgets), save
+    the run folder's rows, print each target's MSE table."""
+    from lessctl.training.runner import run_all
 
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 writes the run folder, rows
-        run_stage(T.run, cfg, log=lambda *_: None)
+        run_stage(run_all, cfg, log=lambda *_: None, overrides=overrides)
         return
     with _stage_run("train", overrides, cfg) as run:
-        out, metrics = run_stage(T.run, cfg, log=console.print)
-        run.update_meta(checkpoint=str(out))
-        rows = []
-        table = Table(title=f"validation MSE per layer ({cfg.policy.name}) → {out}")
-        for col in ("layer", "Baseline", "Baseline+", "LESS", "status"):
-            table.add_column(col)
-        for m in metrics:
-            table.add_row(
-                str(m["layer"]),
-                f"{m['val_baseline_mse']:.4e}",
-                f"{m['val_baseline_plus_mse']:.4e}",
-                f"{m['val_less_mse']:.4e}",
-                m["status"],
+        done = run_stage(run_all, cfg, log=console.print, overrides=overrides)
+        run.update_meta(checkpoint=str(done[0][1]), checkpoints=[str(out) for _, out, _ in done])
+        tables = []
+        for tcfg, out, metrics in done:
+            rows, table = _train_rows(tcfg, out, metrics)
+            run.add_rows(rows)
+            tables.append(table)
+    for table in tables:
+        console.print(table)
+
+
+def _train_rows(cfg: DictConfig, out, metrics: list[dict]) -> tuple[list[dict], Table]:
+    """A target's rows (validation MSE per layer and method) and its table."""
+    rows = []
+    budget = cfg.policy.budget.size
+    table = Table(title=f"validation MSE per layer ({cfg.policy.name}, budget {budget}) → {out}")
+    for col in ("layer", "Baseline", "Baseline+", "LESS", "status"):
+        table.add_column(col)
+    for m in metrics:
+        table.add_row(
+            str(m["layer"]),
+            f"{m['val_baseline_mse']:.4e}",
+            f"{m['val_baseline_plus_mse']:.4e}",
+            f"{m['val_less_mse']:.4e}",
+            m["status"],
+        )
+        for method, key in (
+            ("baseline", "val_baseline_mse"),
+            ("baseline_plus", "val_baseline_plus_mse"),
+            ("less", "val_less_mse"),
+        ):
+            rows.append(
+                {
+                    "stage": "train",
+                    "model": cfg.model.name,
+                    "dataset": cfg.data.name,
+                    "policy": m["policy"],
+                    "budget": m["budget"],
+                    "layer": m["layer"],
+                    "method": method,
+                    "metric": "val_mse",
+                    "value": m[key],
+                    "checkpoint": str(out),
+                    "train_source": str(cfg.train.source),
+                }
             )
-            for method, key in (
-                ("baseline", "val_baseline_mse"),
-                ("baseline_plus", "val_baseline_plus_mse"),
-                ("less", "val_less_mse"),
-            ):
-                rows.append(
-                    {
-                        "stage": "train",
-                        "model": cfg.model.name,
-                        "dataset": cfg.data.name,
-                        "policy": m["policy"],
-                        "budget": m["budget"],
-                        "layer": m["layer"],
-                        "method": method,
-                        "metric": "val_mse",
-                        "value": m[key],
-                        "checkpoint": str(out),
-                        "train_source": str(cfg.train.source),
-                    }
-                )
-        run.add_rows(rows)
-    console.print(table)
+    return rows, table
 
 
 def task_overrides(overrides: list[str]) -> list[str]:

@@ -145,6 +145,8 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("train.dir", PATH),
         ("train.source", one_of("shards", "online")),
         ("train.save_every", optional(int_at_least(1))),
+        ("train.policies", optional(list_of(NAME))),
+        ("train.budgets", optional(list_of(number(0.0, lo_open=True)))),
         ("eval.mode", one_of("parallel", "streaming")),
         ("eval.window", optional(int_at_least(2))),
         ("eval.windows", optional(int_at_least(1))),

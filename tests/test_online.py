@@ -214,3 +214,71 @@ def test_submitit_local_sweep_runs_jobs_and_checkpoints_land(text, compose, tmp_
         json.loads(p.read_text()) for p in (tmp_path / "results").glob("runs/train/*/meta.json")
     ]
     assert len(metas) == 2 and all(m["status"] == "finished" for m in metas)
+
+
+def test_one_pass_trains_several_policies_and_budgets_as_separate_runs(text, compose, monkeypatch):
+    """`train.policies=[lambda,h2o] train.budgets=[12,16]`: four targets fed by one forward pass
+    per batch; each target's kernels land in the folder a separate run names and equal that
+    run's; the pass runs the model as often as one target's run does."""
+    from lessctl.training.runner import run_all
+
+    base = [*text, "train.source=online", "train.epochs=1", "train.batch_size=2"]
+    over = [*base, "train.policies=[lambda,h2o]", "train.budgets=[12,16]"]
+    calls: list[int] = []
+    real_forward = online.use_attention
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real_forward(*a, **kw)
+
+    monkeypatch.setattr(online, "use_attention", counting)
+    done = run_all(compose(*over), **QUIET, overrides=over)
+    shared_calls = len(calls)
+    assert [(c.policy.name, c.policy.budget.size) for c, _, _ in done] == [
+        ("lambda", 12),
+        ("lambda", 16),
+        ("h2o", 12),
+        ("h2o", 16),
+    ]
+    assert len({out for _, out, _ in done}) == 4
+    for _, _, metrics in done:
+        assert [m["layer"] for m in metrics] == [0, 1] and metrics[0]["pass_targets"] == 4
+    calls.clear()
+    alone = [*base, "policy=h2o", "policy.budget.size=12", "train.dir=${cache_dir}/alone"]
+    out, _ = T.run(compose(*alone), **QUIET)
+    assert len(calls) == shared_calls  # one pass served four targets
+    h2o12 = done[2][1]
+    assert out.name == h2o12.name  # the folder a separate run names
+    assert _gap(_kernels(out), _kernels(h2o12)) < RTOL
+    lam16 = done[1][1]
+    assert _gap(_kernels(out), _kernels(lam16)) > 100 * RTOL  # the targets differ
+
+    # a pass that fed every target the first target's decisions would fail the comparison
+    real_decisions, first = online.decisions, {}
+
+    def first_only(policy, *a, **kw):
+        return real_decisions(first.setdefault("p", policy), *a, **kw)
+
+    monkeypatch.setattr(online, "decisions", first_only)
+    wrong = [*over, "train.dir=${cache_dir}/wrong"]
+    bad = run_all(compose(*wrong), **QUIET, overrides=wrong)
+    assert _gap(_kernels(out), _kernels(bad[2][1])) > 100 * RTOL
+
+
+def test_several_trainings_need_valid_names(compose, text):
+    from lessctl.config import ConfigError
+    from lessctl.training.targets import target_configs
+
+    over = [*text, "train.policies=[lambda,nope]"]
+    with pytest.raises(ConfigError, match=r"'nope' is not a policy; allowed: .*h2o"):
+        target_configs(compose(*over), over)
+    over = [*text, "train.policies=[h2o,h2o]"]
+    with pytest.raises(ConfigError, match=r"\(h2o, None\) twice"):
+        target_configs(compose(*over), over)
+    with pytest.raises(ConfigError, match="need the run's overrides"):
+        target_configs(compose(*over), None)
+    # a run's own policy override is replaced; other overrides are kept
+    over = [*text, "policy=tova", "policy.budget.size=8", "train.policies=[h2o]"]
+    (only,) = target_configs(compose(*over), over)
+    assert only.policy.name == "h2o" and only.policy.budget.size == 8
+    assert only.train.policies is None and only.less.dropout == 0.3

@@ -84,15 +84,18 @@ def fixed_part(
     view: LayerView,
     ev: torch.Tensor,
     ev_plus: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """What the loss needs that does not depend on φ/ψ, from fp32 q [n,H,S,d], k, v
     [n,Hkv,S,d] and the policy's ``ev`` [n,Hkv,S]: ``target`` [n,S,hidden], ``evict_at``,
     ``sparse_out`` [n,H,S,d], ``sparse_lse`` [n,H,S]; with Baseline+'s ``ev_plus`` (validation)
-    also ``baseline`` and ``plus`` [n,S,hidden] (the sparse policies' outputs after o_proj)."""
+    also ``baseline`` and ``plus`` [n,S,hidden] (the sparse policies' outputs after o_proj).
+    ``target``: the layer's own output where it is already known (it does not depend on the
+    policy: several policies trained on one batch share it)."""
     sc, win, cap = view.scale, view.window, view.softcap
     out, lse = sparse_attention(q, k, v, ev, sc, softcap=cap)
     pre = {
-        "target": o_proj(full_attention(q, k, v, sc, win, cap), w),
+        "target": o_proj(full_attention(q, k, v, sc, win, cap), w) if target is None else target,
         "evict_at": ev,
         "sparse_out": out,
         "sparse_lse": lse,

@@ -154,23 +154,54 @@ def train_layer(
     return metrics
 
 
-def run(cfg: DictConfig, log=print) -> tuple[Path, list[dict[str, Any]]]:
-    """Train every selected layer (skipping finished and locked ones); returns (checkpoint
-    dir, metrics of the layers this run trained or found finished)."""
+def _source(cfg: DictConfig) -> str:
     source = str(cfg.train.get("source") or "shards")
     if source not in SOURCES:
         raise LessctlError(f"train.source={source!r} is invalid; allowed: {', '.join(SOURCES)}")
-    if source == "online":
-        from lessctl.policies import POLICIES
+    return source
+
+
+def _online_allowed(cfg: DictConfig) -> None:
+    """Refuse, in one line, a policy whose decisions follow the kernels (online has no epoch
+    boundary at which to remake them)."""
+    from lessctl.policies import POLICIES
+
+    name = cfg.policy.get("name")
+    if getattr(POLICIES.get(name), "state_aware", False):
+        raise LessctlError(
+            f"policy={name} (decisions that follow the kernels) trains with "
+            "train.source=shards only; allowed with online: the other policies"
+        )
+
+
+def run_all(
+    cfg: DictConfig, log=print, overrides: list[str] | None = None
+) -> list[tuple[DictConfig, Path, list[dict[str, Any]]]]:
+    """Every training that ``cfg`` asks for: one per (policy, budget) of ``train.policies`` ×
+    ``train.budgets`` (:mod:`lessctl.training.targets`; just ``cfg``'s own when neither is
+    set). Online, one forward pass per batch feeds them all; from shards, they train one after
+    another. Per target: (its config, checkpoint dir, metrics)."""
+    from lessctl.training.targets import target_configs
+
+    cfgs = target_configs(cfg, overrides)
+    if _source(cfg) == "online":
+        from lessctl.training.sources.online import run_targets
+
+        for c in cfgs:
+            _online_allowed(c)
+        done = run_targets(cfgs, log)
+    else:
+        done = [run(c, log) for c in cfgs]
+    return [(c, out, metrics) for c, (out, metrics) in zip(cfgs, done, strict=True)]
+
+
+def run(cfg: DictConfig, log=print) -> tuple[Path, list[dict[str, Any]]]:
+    """Train every selected layer of ``cfg``'s own policy (skipping finished and locked ones);
+    returns (checkpoint dir, metrics of the layers this run trained or found finished)."""
+    if _source(cfg) == "online":
         from lessctl.training.sources.online import run as run_online
 
-        name = cfg.policy.get("name")
-        if getattr(POLICIES.get(name), "state_aware", False):
-            raise LessctlError(
-                f"policy={name} (decisions that follow the kernels) trains with "
-                "train.source=shards only; allowed with online: the other policies"
-            )
-
+        _online_allowed(cfg)
         return run_online(cfg, log)
     store = activations(cfg)
     man = store.manifest()

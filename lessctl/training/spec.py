@@ -8,25 +8,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lessctl.errors import LessctlError
-from lessctl.less.kernels import KernelConfig
+from lessctl.less.kernels import kernel_config  # noqa: F401 (re-exported)
 
 EVAL_ONLY_LESS_KEYS = ("ckpt", "transfer")  # choose a checkpoint; not part of what is trained
 HYPER_KEYS = ("epochs", "batch_size", "lr", "step_size", "gamma", "val_fraction")
-
-
-def kernel_config(cfg: DictConfig, geo: dict[str, int]) -> KernelConfig:
-    lc = cfg.less
-    return KernelConfig(
-        num_heads=geo["num_heads"],
-        num_kv_heads=geo["num_kv_heads"],
-        head_dim=geo["head_dim"],
-        rank=int(lc.rank),
-        hidden=int(lc.hidden),
-        dropout=float(lc.dropout),
-        init_scale=float(lc.init_scale),
-        kind=str(lc.kind),
-        seed=int(lc.seed),
-    )
 
 
 def train_spec(cfg: DictConfig, man: dict[str, Any]) -> dict[str, Any]:
