@@ -97,7 +97,13 @@ class LayerTrainer:
             self.opt, step_size=int(t.step_size), gamma=float(t.gamma)
         )
         self.reduce = reduce  # data parallel: averages the gradients across processes
-        self.losses: list[torch.Tensor] = []  # this epoch's, on the device (one sync per epoch)
+        # this epoch's training loss: a running sum and step count on the device (one host sync
+        # per epoch). Not a list of per-step scalars: one tiny long-lived tensor per step
+        # pinned the heap above online training's large transient blocks (resident
+        # memory grew ~3 MB per layer step). MSE >= 0, so a non-finite step leaves the sum
+        # non-finite.
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_steps = 0
         self.tok = 0
         self.history: list[dict[str, Any]] = []
         self.status = "finished"
@@ -147,7 +153,8 @@ class LayerTrainer:
         if self.reduce is not None:
             self.reduce([p.grad for p in self.kern.parameters()])
         self.opt.step()
-        self.losses.append(loss.detach())
+        self.loss_sum += loss.detach()
+        self.loss_steps += 1
         self.tok += b["q"].shape[0] * b["q"].shape[2]
 
     def empty_step(self) -> None:
@@ -161,11 +168,9 @@ class LayerTrainer:
 
     def end_epoch(self, epoch: int) -> bool:
         """Close an epoch's steps: False (and the layer stops) if a loss was not finite."""
-        self.epoch_losses = (
-            torch.stack(self.losses) if self.losses else torch.zeros(1, device=self.device)
-        )
-        self.losses = []
-        finite = torch.isfinite(self.epoch_losses).all().to(torch.float32).reshape(1)
+        self.epoch_loss = self.loss_sum / max(self.loss_steps, 1)
+        self.loss_sum, self.loss_steps = torch.zeros((), device=self.device), 0
+        finite = torch.isfinite(self.epoch_loss).to(torch.float32).reshape(1)
         if self.reduce is not None:  # every rank agrees (the mean of the flags is 1)
             self.reduce([finite])
         if float(finite) != 1.0:
@@ -215,7 +220,7 @@ class LayerTrainer:
             self.history.append(
                 {
                     "epoch": epoch,
-                    "train_mse": float(self.epoch_losses.mean()),
+                    "train_mse": float(self.epoch_loss),
                     "val_mse": val["less"],
                     "val_baseline_mse": val["baseline"],
                     "val_baseline_plus_mse": val["baseline_plus"],

@@ -159,7 +159,8 @@ def _trainer_state(tr: LayerTrainer) -> dict[str, Any]:
         "opt": tr.opt.state_dict(),
         "sched": tr.sched.state_dict(),
         "rng": tr.rng,
-        "losses": [x.cpu() for x in tr.losses],
+        "loss_sum": tr.loss_sum.cpu(),
+        "loss_steps": tr.loss_steps,
         "tok": tr.tok,
         "history": tr.history,
         "status": tr.status,
@@ -174,7 +175,7 @@ def _restore(tr: LayerTrainer, s: dict[str, Any]) -> None:
     tr.opt.load_state_dict(s["opt"])
     tr.sched.load_state_dict(s["sched"])
     tr.rng = s["rng"]
-    tr.losses = [x.to(tr.device) for x in s["losses"]]
+    tr.loss_sum, tr.loss_steps = s["loss_sum"].to(tr.device), s["loss_steps"]
     tr.tok, tr.history, tr.status = s["tok"], s["history"], s["status"]
     tr.first, tr.best = s["first"], s["best"]
     tr.best_state = {k: v.to(tr.device) for k, v in s["best_state"].items()}
