@@ -73,3 +73,12 @@ def expire(evict_at: Tensor, window: int | None) -> Tensor:
     s = evict_at.shape[-1]
     j = torch.arange(s, device=evict_at.device)
     return torch.minimum(evict_at, (j + window).clamp(max=s))
+
+
+def recent_window_scores(t: int | Tensor, positions: Tensor, acc: Tensor, recent: int) -> Tensor:
+    """Accumulated scores of the old keys, +inf for the last ``recent`` positions up to ``t``.
+
+    t: the row, positions [B,Hkv,n+1], acc [B,Hkv,n+1] -> [B,Hkv,n] (the new key is dropped).
+    """
+    in_window = positions[..., :-1] > t - recent
+    return acc[..., :-1].masked_fill(in_window, torch.inf)

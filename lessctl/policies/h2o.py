@@ -20,10 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from lessctl.errors import InputError
+from lessctl.policies.attn import recent_window_scores
 from lessctl.policies.base import Budget, Policy, register
 from lessctl.schema import Rule, number
 
@@ -74,8 +74,7 @@ class H2O(Policy):
     ) -> Tensor:
         """Accumulated attention, +inf inside the recent window: [B,Hkv,n+1] -> [B,Hkv,n]."""
         assert acc_scores is not None, "h2o needs acc_scores"
-        in_window = positions[..., :-1] > t - self.recent
-        return acc_scores[..., :-1].masked_fill(in_window, torch.inf)
+        return recent_window_scores(t, positions, acc_scores, self.recent)
 
     def with_extra(self, extra: int) -> H2O:
         return H2O(self.heavy + extra // 2, self.recent + extra - extra // 2)

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lessctl.errors import InputError
+from lessctl.policies.attn import recent_window_scores
 from lessctl.policies.base import Budget, Policy, config_flag, register
 from lessctl.schema import BOOL, Rule, any_of, int_at_least, number, odd_int, one_of
 
@@ -186,8 +187,7 @@ class SnapKV(Policy):
     ) -> Tensor:
         """Accumulated (pooled-seeded) scores, +inf in the window: [B,Hkv,n+1] -> [B,Hkv,n]."""
         assert acc_scores is not None, "snapkv needs acc_scores"
-        in_window = positions[..., :-1] > t - self.recent
-        return acc_scores[..., :-1].masked_fill(in_window, torch.inf)
+        return recent_window_scores(t, positions, acc_scores, self.recent)
 
     def with_extra(self, extra: int) -> SnapKV:
         """Baseline+: the extra tokens are kept by score (the window is a method setting)."""
