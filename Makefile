@@ -9,7 +9,7 @@ TORCH   := torch==2.13.0
 # where it cannot be (no wheel for the platform) those tests skip.
 TRITON  := triton==3.9.0
 
-.PHONY: install assets test test-slow lint reproduce study clean
+.PHONY: install assets test test-slow lint reproduce study retrieval clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -98,3 +98,34 @@ study: install
 	  for r in $(STUDY_RANK); do $(LESS) eval $(STUDY) task=wikitext2 extract.tokens=$$t \
 	    train.epochs=$$e less.hidden=$$h less.rank=$$r || exit 1; done; done; done; done
 	$(LESS) report results_dir=results/study run_name=study
+
+# The retrieval study (issue 25; not part of reproduce; ~1.5 h on 2 cores): conf/experiment/
+# retrieval.yaml. Kernels for every (policy, budget) from the cpu preset's text; then per task
+# and budget Full (first budget only), Baseline+ and LESS under h2o, and LESS under each other
+# policy. Runs and report in results/retrieval/ (REPORT.md, figures/).
+RETR          := experiment=retrieval
+RETR_BUDGETS  ?= 32 64 128
+RETR_POLICIES ?= h2o recall composite
+RETR_PASSKEY  := task=passkey 'task.depths=[0.0,0.5,1.0]'
+RETR_NEEDLE   := task=needle task.num_keys=5 'task.depths=[0.0,0.5,1.0]'
+RETR_VT       := task=variable_tracking task.samples=3
+# $(1): one task's overrides
+define retr_task
+	for b in $(RETR_BUDGETS); do \
+	  m=baseline_plus,less; [ $$b = $(firstword $(RETR_BUDGETS)) ] && m=full,$$m; \
+	  $(LESS) eval $(RETR) $(1) policy=h2o policy.budget.size=$$b "eval.methods=[$$m]" || exit 1; \
+	  for p in $(filter-out h2o,$(RETR_POLICIES)); do \
+	    $(LESS) eval $(RETR) $(1) policy=$$p policy.budget.size=$$b 'eval.methods=[less]' \
+	      || exit 1; \
+	  done; \
+	done
+endef
+retrieval: install
+	$(LESS) assets
+	$(LESS) extract experiment=cpu
+	$(LESS) train -m $(RETR) policy=$(call _csv,$(RETR_POLICIES)) \
+	  policy.budget.size=$(call _csv,$(RETR_BUDGETS)) $(JOBS)
+	$(call retr_task,$(RETR_PASSKEY))
+	$(call retr_task,$(RETR_NEEDLE))
+	$(call retr_task,$(RETR_VT))
+	$(LESS) report results_dir=results/retrieval run_name=retrieval

@@ -75,13 +75,15 @@ def _label(x) -> str:
 KEYS = ["task", "dataset", "source", "model", "question", "subtask", "method", "policy"]
 
 
-def sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
-    """Markdown for every long-context task in the rows (empty when there is none)."""
+def prepared(rows: pd.DataFrame) -> pd.DataFrame | None:
+    """The long-context rows of ``rows`` (metric `contains`), the newest per cell, with
+    ``at_budget`` (the budget a row is compared at; Full: -1) and ``ok`` (answers found);
+    None when there is none."""
     if "task" not in rows or "length" not in rows:
-        return []
+        return None
     d = rows[rows.task.isin(TASKS) & (rows.metric == METRIC)].copy()
     if d.empty:
-        return []
+        return None
     d["depth"] = d["depth"].astype(object).where(d["depth"].notna(), "–")
     d["length"] = d["length"].fillna(-1)
     for col, default in (("question", "after"), ("subtask", "–"), ("source", "")):
@@ -101,6 +103,14 @@ def sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
     ]
     d = d.sort_values("_run").drop_duplicates([*KEYS, "at_budget", "length", "depth"], keep="last")
     d["ok"] = d["value"] * d["samples"]
+    return d
+
+
+def sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
+    """Markdown for every long-context task in the rows (empty when there is none)."""
+    d = prepared(rows)
+    if d is None:
+        return []
     out = [
         "## Long-context retrieval (share of answers found, `contains`)",
         "",
