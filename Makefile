@@ -109,23 +109,27 @@ RETR_POLICIES ?= h2o recall composite
 RETR_PASSKEY  := task=passkey 'task.depths=[0.0,0.5,1.0]'
 RETR_NEEDLE   := task=needle task.num_keys=5 'task.depths=[0.0,0.5,1.0]'
 RETR_VT       := task=variable_tracking task.samples=3
-# $(1): one task's overrides
+# $(1): one task's overrides; each task's evaluations run in their own process with one thread,
+# two tasks at a time (the small model's ops use two threads poorly)
 define retr_task
 	for b in $(RETR_BUDGETS); do \
 	  m=baseline_plus,less; [ $$b = $(firstword $(RETR_BUDGETS)) ] && m=full,$$m; \
-	  $(LESS) eval $(RETR) $(1) policy=h2o policy.budget.size=$$b "eval.methods=[$$m]" || exit 1; \
+	  $(LESS) eval $(RETR) threads=1 $(1) policy=h2o policy.budget.size=$$b "eval.methods=[$$m]" \
+	    || exit 1; \
 	  for p in $(filter-out h2o,$(RETR_POLICIES)); do \
-	    $(LESS) eval $(RETR) $(1) policy=$$p policy.budget.size=$$b 'eval.methods=[less]' \
-	      || exit 1; \
+	    $(LESS) eval $(RETR) threads=1 $(1) policy=$$p policy.budget.size=$$b \
+	      'eval.methods=[less]' || exit 1; \
 	  done; \
 	done
 endef
+.PHONY: retrieval-passkey retrieval-needle retrieval-vt
+retrieval-passkey: ; $(call retr_task,$(RETR_PASSKEY))
+retrieval-needle: ; $(call retr_task,$(RETR_NEEDLE))
+retrieval-vt: ; $(call retr_task,$(RETR_VT))
 retrieval: install
 	$(LESS) assets
 	$(LESS) extract experiment=cpu
 	$(LESS) train -m $(RETR) policy=$(call _csv,$(RETR_POLICIES)) \
 	  policy.budget.size=$(call _csv,$(RETR_BUDGETS)) $(JOBS)
-	$(call retr_task,$(RETR_PASSKEY))
-	$(call retr_task,$(RETR_NEEDLE))
-	$(call retr_task,$(RETR_VT))
+	$(MAKE) -j$(NPROC) retrieval-passkey retrieval-needle retrieval-vt
 	$(LESS) report results_dir=results/retrieval run_name=retrieval
