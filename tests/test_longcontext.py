@@ -461,3 +461,31 @@ def test_method_digest_holds_performer_features_and_kernel_configs(compose):
 
     assert digest(rank=8, seed=0) == digest(rank=8, seed=0)
     assert len({digest(rank=8, seed=0), digest(rank=8, seed=1), digest(rank=16, seed=0)}) == 3
+
+
+def test_task_protocol_reaches_the_cache_and_keeps_predictions_apart(tmp_path, monkeypatch):
+    """task.protocol=streaming is what generation runs (not the default prompt protocol), the
+    rows record it, predictions under one protocol are not read back for the other, and a
+    protocol that is not one is refused in one line."""
+    from lessctl.runs import list_runs
+    from lessctl.tasks import longcontext
+
+    monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
+    seen = []
+    real = longcontext.generate
+    monkeypatch.setattr(
+        longcontext, "generate", lambda *a, **k: seen.append(k["protocol"]) or real(*a, **k)
+    )
+    args = ["task=passkey", "task.lengths=[300]", "task.depths=[0]", "task.samples=1"]
+    args += ["task.max_new_tokens=3", "eval.methods=[baseline]", "policy.budget.size=24"]
+    assert _run_cli(*args).exit_code == 0
+    [first] = list_runs("results", "eval")
+    reuse = f"eval.reuse_predictions=[{first.path}]"
+    assert _run_cli(*args, "task.protocol=streaming", reuse).exit_code == 0
+    assert seen == ["prompt", "streaming"]  # the streaming run generated: nothing read back
+    second = next(r for r in list_runs("results", "eval") if r.path != first.path)
+    assert {r["protocol"] for r in first.rows()} == {"prompt"}
+    assert {r["protocol"] for r in second.rows()} == {"streaming"}
+    bad = _run_cli(*args, "task.protocol=stream")
+    assert bad.exit_code == 2 and "task.protocol" in bad.output and "streaming" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1

@@ -66,6 +66,7 @@ def test_policies_compared_against_the_reference_baseline_plus(compose, tmp_path
         "| 1.00 [0.86, 1.00] (n=24) | +0.50 [+0.50, +0.50] better | 0.67 [0.67, 0.67] "
         "| +0.25 [+0.25, +0.25] better |"
     ) in text
+    assert "### passkey (passkey, m, question after, prompt)" in text
     assert "### all tasks" in text and "(n=48)" in text.split("### all tasks")[1]
     assert (tmp_path / "figures" / "retrieval-share-by-budget.png").is_file()
 

@@ -9,7 +9,16 @@ from lessctl.runs import start_run
 
 from .test_report import _rows
 
-BUILTIN = ["perplexity", "summarization", "lm_eval", "training", "longctx", "bench", "study"]
+BUILTIN = [
+    "perplexity",
+    "summarization",
+    "lm_eval",
+    "training",
+    "longctx",
+    "retrieval",
+    "bench",
+    "study",
+]
 
 
 def test_builtin_sections_in_report_order():

@@ -72,7 +72,7 @@ def _label(x) -> str:
     return "–" if x is None or x != x else str(int(x))
 
 
-KEYS = ["task", "dataset", "source", "model", "question", "subtask", "method", "policy"]
+KEYS = ["task", "dataset", "source", "model", "question", "protocol", "subtask", "method", "policy"]
 
 
 def prepared(rows: pd.DataFrame) -> pd.DataFrame | None:
@@ -86,7 +86,12 @@ def prepared(rows: pd.DataFrame) -> pd.DataFrame | None:
         return None
     d["depth"] = d["depth"].astype(object).where(d["depth"].notna(), "–")
     d["length"] = d["length"].fillna(-1)
-    for col, default in (("question", "after"), ("subtask", "–"), ("source", "")):
+    for col, default in (
+        ("question", "after"),
+        ("protocol", "prompt"),
+        ("subtask", "–"),
+        ("source", ""),
+    ):
         d[col] = d[col].fillna(default) if col in d else default
     # the budget a row is compared at (full: none): Baseline+ at its budget less the tokens it
     # got for the state's bytes (so also when it ran apart from Baseline), others at their run's
@@ -122,8 +127,8 @@ def sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
         "(length × depth, each resampled whole with its samples), with its bootstrap interval.",
         "",
     ]
-    for (task, dataset, model, question, subtask), g in d.groupby(
-        ["task", "dataset", "model", "question", "subtask"], sort=True
+    for (task, dataset, model, question, protocol, subtask), g in d.groupby(
+        ["task", "dataset", "model", "question", "protocol", "subtask"], sort=True
     ):
         full = g[g.method == "full"]
         rest = g[g.method != "full"]
@@ -148,12 +153,15 @@ def sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
                 s = gb[gb.method == m]
                 cells[m] = s.pivot_table(index="length", columns="depth", values="value")
             sub = "" if subtask == "–" else f"-{subtask}"
-            name = f"longctx-{task}{sub}-{dataset}-{model}-{question}-{policy}-{int(budget)}.png"
+            proto = "" if protocol == "prompt" else f"-{protocol}"
+            stem = f"longctx-{task}{sub}-{dataset}-{model}-{question}{proto}"
+            name = f"{stem}-{policy}-{int(budget)}.png"
             name = name.replace("/", "_").replace(":", "_")
             _heatmap(
                 fig_dir / name,
                 cells,
-                f"{task} ({dataset}) {model}, {policy} budget {int(budget)}, question {question}",
+                f"{task} ({dataset}) {model}, {policy} budget {int(budget)}, question {question}"
+                + ("" if protocol == "prompt" else f", {protocol}"),
             )
             table[-1]["heatmap"] = f"![heatmap](figures/{name})"
         if not table:
@@ -163,7 +171,10 @@ def sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
         cols += [c for c in t.columns if c not in cols and c != "heatmap"]
         lengths = ", ".join(_label(x) for x in sorted(set(g.length)))
         sub = "" if subtask == "–" else f" / {subtask}"
-        out += [f"### {task}{sub} — {dataset}, {model}, question {question} (lengths {lengths})"]
+        proto = "" if protocol == "prompt" else f", protocol {protocol}"
+        out += [
+            f"### {task}{sub} — {dataset}, {model}, question {question}{proto} (lengths {lengths})"
+        ]
         out += [""]
         out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         out += ["| " + " | ".join(str(r.get(c, "–")) for c in cols) + " |" for r in table]

@@ -26,7 +26,7 @@ from lessctl.report.registry import ReportContext, register_section
 from lessctl.stats import Estimate, Samples, difference, gap_closed, paired, verdict
 from lessctl.tasks.longcontext import interval
 
-GROUP = ["task", "dataset", "model", "question", "subtask"]
+GROUP = ["task", "dataset", "model", "question", "protocol", "subtask"]
 CELL = ["task", "subtask", "length", "depth"]
 POOLED = "all tasks"
 
@@ -152,9 +152,9 @@ def sections(rows: pd.DataFrame, fig_dir: Path) -> list[str]:
         return []
     groups: dict[str, pd.DataFrame] = {}
     for key, g in d.groupby(GROUP, sort=True):
-        task, dataset, model, question, subtask = key
+        task, dataset, model, question, protocol, subtask = key
         sub = "" if subtask == "–" else f" / {subtask}"
-        groups[f"{task}{sub} ({dataset}, {model}, question {question})"] = g
+        groups[f"{task}{sub} ({dataset}, {model}, question {question}, {protocol})"] = g
     if len(groups) > 1:
         groups[POOLED] = d
     out = [

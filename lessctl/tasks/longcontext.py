@@ -47,10 +47,12 @@ from lessctl.shards import config_hash
 from lessctl.tasks.reuse import PARTIAL, method_digest, records
 
 QUESTION_POSITIONS = ("after", "before", "end")
+PROTOCOLS = ("prompt", "streaming")
 GRID_KEYS: dict[str, Rule] = {  # the config keys every generated-sample task shares
     "lengths": list_of(int_at_least(1)),
     "samples": int_at_least(1),
     "question": one_of(*QUESTION_POSITIONS),
+    "protocol": one_of(*PROTOCOLS),
     "max_new_tokens": int_at_least(1),
 }
 DEPTHS: Rule = list_of(number(0.0, 1.0))
@@ -191,10 +193,14 @@ def answer(
     max_new_tokens: list[int],
     pad_id: int,
     tokenizer=None,
+    protocol: str = "prompt",
 ) -> list[list[int]]:
-    """Greedy answers for a batch through the evicting cache (prompt protocol): each prompt in
-    one forward (left padding), then its suffix fed one token per step (teacher-forced), then up
-    to `max_new_tokens[i]` tokens (:func:`lessctl.decoding.generate` with ``forced``)."""
+    """Greedy answers for a batch through the evicting cache: each prompt in one forward (left
+    padding), then its suffix fed one token per step (teacher-forced), then up to
+    `max_new_tokens[i]` tokens (:func:`lessctl.decoding.generate` with ``forced``). ``protocol``
+    `prompt`: the prompt's evictions all at the first decoded row; `streaming`: one per row
+    from the first token on, as the parallel form decides (a state-aware policy with kernels
+    needs it)."""
     b = len(prompts)
     width = max(len(p) for p in prompts)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -210,6 +216,7 @@ def answer(
         method.kernels,
         max_new_tokens=max_new_tokens,
         forced=suffixes,
+        protocol=protocol,
         tokenizer=tokenizer,
     )
 
@@ -262,6 +269,9 @@ def run_samples(
     question = str(cfg.task.get("question", "after"))
     if question not in QUESTION_POSITIONS:
         raise LessctlError(f"task.question={question!r}; allowed: {', '.join(QUESTION_POSITIONS)}")
+    protocol = str(cfg.task.get("protocol", "prompt"))
+    if protocol not in PROTOCOLS:
+        raise LessctlError(f"task.protocol={protocol!r}; allowed: {', '.join(PROTOCOLS)}")
     lead = specials(tokenizer)
     laid = [layout(s, lead, question) for s in samples]
     order = sorted(range(len(samples)), key=lambda i: (len(laid[i][0]) + len(laid[i][1]), i))
@@ -276,7 +286,7 @@ def run_samples(
         t0 = time.perf_counter()
         budget = m.policy.budget
         file_name = f"{name}-{m.name}-{budget}.jsonl"
-        key = method_digest(model, m)
+        key = method_digest(model, m) + ("" if protocol == "prompt" else f"/{protocol}")
         digests = [
             input_digest(key, *laid[i], samples[i].max_new_tokens) for i in range(len(samples))
         ]
@@ -293,6 +303,7 @@ def run_samples(
                 [samples[i].max_new_tokens for i in idx],
                 pad,
                 tokenizer,
+                protocol,
             )
             for i, toks in zip(idx, got, strict=True):
                 preds[i] = tokenizer.decode(toks, skip_special_tokens=True)
@@ -339,6 +350,7 @@ def run_samples(
             "budget": budget,
             "checkpoint": m.checkpoint,
             "question": question,
+            "protocol": protocol,
             "predictions": str(path),
             "reused_from": ", ".join(back) if back else None,
             "reused": len(samples) - len(todo),

@@ -127,6 +127,7 @@ def max_tokens(cfg: DictConfig, max_pos: int) -> int:
 KEYS = {
     "question": GRID_KEYS["question"],
     "match": one_of(*MATCHES),
+    "protocol": GRID_KEYS["protocol"],
     "max_new_tokens": GRID_KEYS["max_new_tokens"],
 }
 
