@@ -90,3 +90,20 @@ def test_no_drop_and_single_policy(compose, tmp_path):
     )
     assert "| 32 | composite |" in text and "– (no drop)" in text
     assert "| −0.50 [" not in text and "| -0.50 [-0.50, -0.50] worse |" in text
+
+
+def test_drop_in_some_cells_only_prints_no_nan_and_no_negative_zero(compose, tmp_path):
+    """Full beats Baseline+ at length 512 only and LESS equals Baseline+ everywhere: the share
+    recovered is 0 (not "-0.00"), and resampled grids that draw only 1024-token cells (no drop,
+    0/0) make its interval undefined, which the row says in words instead of "[nan, nan]"."""
+    runs = [
+        _rows("passkey", "h2o", {"full": 1.0, "baseline_plus": 0.5, "less": 0.5}),
+        _rows("passkey", "recall", {"less": 0.5}),
+    ]
+    for row in runs[0]:
+        if row["method"] == "full" and row["length"] == 1024:
+            row["value"] = 0.5
+    text = _report(compose, tmp_path, runs)
+    section = text.split("## Retrieval: LESS under each policy")[1]
+    assert "nan" not in section and "-0.00" not in section
+    assert "| 0.00 (interval undefined: some resampled grids have no drop) |" in section

@@ -17,6 +17,7 @@ cross-policy comparison).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -46,7 +47,8 @@ def _share(s: pd.DataFrame) -> tuple[float, float, float, int]:
 
 def _fmt(e: Estimate, signed: bool = True) -> str:
     f = "{:+.2f}" if signed else "{:.2f}"
-    return f"{f.format(e.value)} [{f.format(e.low)}, {f.format(e.high)}]"
+    value, low, high = (x + 0.0 for x in (e.value, e.low, e.high))  # no "-0.00"
+    return f"{f.format(value)} [{f.format(low)}, {f.format(high)}]"
 
 
 def _recovered(full: Samples, plus: Samples, less: Samples) -> str:
@@ -54,7 +56,11 @@ def _recovered(full: Samples, plus: Samples, less: Samples) -> str:
     f, p, _ = paired([full, plus, less])
     if abs(f.figure() - p.figure()) < 1e-12:
         return "– (no drop)"
-    return _fmt(gap_closed(full, plus, less), signed=False)
+    e = gap_closed(full, plus, less)
+    if not (math.isfinite(e.low) and math.isfinite(e.high)):
+        # Resampled grids in which Full and Baseline+ tie leave the ratio undefined.
+        return f"{e.value + 0.0:.2f} (interval undefined: some resampled grids have no drop)"
+    return _fmt(e, signed=False)
 
 
 def _rows(g: pd.DataFrame) -> list[dict[str, str]]:
