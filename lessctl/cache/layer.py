@@ -20,6 +20,7 @@ from transformers.cache_utils import CacheLayerMixin
 from lessctl.cache import native, triton_step
 from lessctl.cache.attend import rows_attention, sdpa_rows
 from lessctl.cache.driver import evict_row, release
+from lessctl.cache.scored import scored_attention
 from lessctl.cache.step import steady_step
 from lessctl.cache.store import KeptStore
 from lessctl.errors import LessctlError
@@ -28,6 +29,8 @@ from lessctl.less.kernels import LayerKernels
 from lessctl.policies.base import Policy
 
 PROTOCOLS = ("prompt", "streaming", "chunked")
+FUSED_SCORES = True  # an accumulating policy's chunk of rows: scores fused with the attention
+# (lessctl/cache/scored.py); False: explicit probabilities (rows_attention), for the benchmark
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -225,8 +228,10 @@ class EvictingLayer(CacheLayerMixin):
                 s.acc = F.pad(s.acc, (0, c - 1))
         if n is not None:  # no eviction before this chunk: the first comes at its end, or later
             self.first_evict = torch.where(t0 < n, torch.clamp(t0 + c, min=n), self.first_evict)
-        out, probs = self._attend_rows(q, rows, scale, first)
-        if s.acc is not None:
+        out, probs, sums = self._attend_rows(q, rows, scale, first)
+        if sums is not None:  # fused: the rows' weighted probabilities, summed
+            s.acc = self.policy.add_sums(s.acc, sums, rows, s.positions, self.first_evict)
+        elif s.acc is not None:
             probs = probs * (rows >= 0)[:, None, :, None]
             s.acc = self.policy.accumulate(s.acc, probs, rows, s.positions, self.first_evict)
         self.seen += c
@@ -235,29 +240,42 @@ class EvictingLayer(CacheLayerMixin):
 
     def _attend_rows(
         self, q: Tensor, rows: Tensor, scale: float | None, first: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """The chunk's rows [B,C] over the store (causal, windowed) plus the state."""
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The chunk's rows [B,C] over the store (causal, windowed) plus the state -> (out,
+        probs [B,Hkv,C,m] or None, sums [B,Hkv,m] or None): an accumulating policy's rows
+        get ``sums`` from the fused path (:mod:`lessctl.cache.scored`; several rows, no
+        soft-capping, ``FUSED_SCORES``), else ``probs`` (:func:`rows_attention`)."""
         s, window = self.store, self.window
         want = s.acc is not None
-        plain = window is None and self.softcap is None and not want
-        if first and plain and bool((self.pads == 0).all()):  # a prompt: SDPA, causal
+        causal = first and window is None and bool((self.pads == 0).all())
+        if causal and self.softcap is None and not want:  # a prompt: SDPA, causal
             g = q.shape[1] // s.keys.shape[1]
             kk, vv = s.keys.repeat_interleave(g, 1), s.values.repeat_interleave(g, 1)
             out = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=scale)
-            return out, None
+            return out, None, None
+        log_phi = state = None
+        if s.state is not None and not first:  # nothing is folded before the first chunk
+            state, log_phi = s.state, self.frozen.log_phi(q)
+        fused = want and self.softcap is None and FUSED_SCORES and q.shape[2] > 1
+        if fused and causal:  # a prompt: no [C x m] mask at all
+            w = self.policy.row_weights(rows, self.first_evict)
+            out, sums = scored_attention(q, s.keys, s.values, None, scale, w, log_phi, state)
+            return out, None, sums
         P = s.positions[:, :, None, :]  # [B,Hkv,1,m]
         r = rows[:, None, :, None]  # [B,1,C,1]
         visible = (P >= 0) & (P <= r)
         if window is not None:
             visible = visible & (P > r - window)
-        log_phi = state = None
-        if s.state is not None and not first:  # nothing is folded before the first chunk
-            state, log_phi = s.state, self.frozen.log_phi(q)
         if self.softcap is None and not want and bool((rows >= 0).all()):
-            return sdpa_rows(q, s.keys, s.values, visible, scale, log_phi, state), None
-        return rows_attention(
+            return sdpa_rows(q, s.keys, s.values, visible, scale, log_phi, state), None, None
+        if fused:
+            w = self.policy.row_weights(rows, self.first_evict) * (rows >= 0)
+            out, sums = scored_attention(q, s.keys, s.values, visible, scale, w, log_phi, state)
+            return out, None, sums
+        out, probs = rows_attention(
             q, s.keys, s.values, visible, scale, self.softcap, log_phi, state, want
         )
+        return out, probs, None
 
     def _check_steady(self, group: int) -> None:
         """Enter the packed steady state once every slot of every sequence is full (``group``:

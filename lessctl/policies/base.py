@@ -165,9 +165,24 @@ class Policy:
         positions [B,Hkv,m]: the slots' key positions (-1 empty); first_evict [B] long: the row
         of the first eviction -> acc [B,Hkv,m]. Default (H2O): ``acc + probs.sum(2)``. Rows
         ``>= first_evict`` must be added this way (the sequential driver relies on it); rows
-        before may be weighted or transformed (SnapKV).
+        before may be weighted or transformed (SnapKV). Written as :meth:`row_weights` and
+        :meth:`add_sums`, so that a fused prefill (:mod:`lessctl.cache.scored`), which never
+        holds ``probs``, adds the same.
         """
-        return acc + probs.sum(2)
+        w = self.row_weights(rows, first_evict).to(probs.dtype)[:, None, :, None]
+        return self.add_sums(acc, (probs * w).sum(2), rows, positions, first_evict)
+
+    def row_weights(self, rows: Tensor, first_evict: Tensor) -> Tensor:
+        """Each row's weight in :meth:`accumulate`: rows [B,R] long, first_evict [B] long ->
+        [B,R] >= 0. Default (H2O): 1 for every row."""
+        return torch.ones(rows.shape, device=rows.device)
+
+    def add_sums(
+        self, acc: Tensor, sums: Tensor, rows: Tensor, positions: Tensor, first_evict: Tensor
+    ) -> Tensor:
+        """Add the rows' weighted probabilities summed over rows, sums [B,Hkv,m] fp32, to acc
+        [B,Hkv,m] (shapes as :meth:`accumulate`). Default: ``acc + sums``."""
+        return acc + sums
 
     def eviction_scores(
         self,

@@ -145,6 +145,12 @@ class Recall(Policy):
     def accumulate(self, acc, probs, rows, positions, first_evict):
         return self.base.accumulate(acc, probs, rows, positions, first_evict)
 
+    def row_weights(self, rows, first_evict):
+        return self.base.row_weights(rows, first_evict)
+
+    def add_sums(self, acc, sums, rows, positions, first_evict):
+        return self.base.add_sums(acc, sums, rows, positions, first_evict)
+
     def eviction_scores(self, t, positions, acc_scores, probs_now):
         """The base's scores (bulk eviction without a state: the base's order)."""
         return self.base.eviction_scores(t, positions, acc_scores, probs_now)

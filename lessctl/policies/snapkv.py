@@ -157,17 +157,21 @@ class SnapKV(Policy):
     def budget(self) -> int:  # type: ignore[override]
         return self.heavy + self.recent
 
-    def accumulate(
-        self, acc: Tensor, probs: Tensor, rows: Tensor, positions: Tensor, first_evict: Tensor
-    ) -> Tensor:
-        """Observation rows add, rows before them do not; after row ``o - 1`` pool (module doc).
+    def row_weights(self, rows: Tensor, first_evict: Tensor) -> Tensor:
+        """1 for the observation rows (the ``window`` rows before ``first_evict``) and every
+        row after them, 0 before: rows [B,R], first_evict [B] -> [B,R]."""
+        return (rows >= first_evict[:, None] - self.window).float()
 
-        acc [B,Hkv,m], probs [B,Hkv,R,m], rows [B,R], positions [B,Hkv,m], first_evict [B]
-        -> [B,Hkv,m]. No host sync: the pooled scores are selected with ``where``.
+    def add_sums(
+        self, acc: Tensor, sums: Tensor, rows: Tensor, positions: Tensor, first_evict: Tensor
+    ) -> Tensor:
+        """Add the observation rows' sums; after row ``o - 1`` pool (module doc).
+
+        acc, sums [B,Hkv,m], rows [B,R], positions [B,Hkv,m], first_evict [B] -> [B,Hkv,m].
+        No host sync: the pooled scores are selected with ``where``.
         """
         o = first_evict[:, None]
-        counts = (rows >= o - self.window).to(probs.dtype)[:, None, :, None]
-        acc = acc + (probs * counts).sum(2)
+        acc = acc + sums
         closes = (rows == o - 1).any(-1)[:, None, None]  # [B,1,1]: row o - 1 is in this call
         if self.pool_across_window:
             pooled = pool_by_position(acc, positions, self.kernel, self.pooling)
