@@ -170,3 +170,21 @@ def test_baseline_plus_gets_the_mean_state_bytes(compose, tiny_model):
     # a mean that is no whole rank: the tokens nearest the mean state's bytes, 3.5 * 68 = 238
     odd = plus("less.rank=[3,4]")
     assert abs(odd.extra_tokens * 64 - 238) <= 32 and odd.extra_tokens == 4
+
+
+def test_checkpoint_folders_and_method_digests_tell_rank_lists_apart(compose, tiny_model):
+    """A rerun at less.rank=[4,2] must neither train into nor read back [2,4]'s results."""
+    from lessctl.tasks.longcontext import method_digest
+    from lessctl.training.checkpoints import checkpoint_dir
+
+    model = tiny_model[0]
+    geo = attention_geometry(model)
+    man = {"hash": "acts"}  # the extraction: the same for all three
+    ranks = ("less.rank=[2,4]", "less.rank=[4,2]", "less.rank=4")
+    cfgs = [compose("model=tiny-random", r) for r in ranks]
+    assert len({checkpoint_dir(c, man) for c in cfgs}) == 3
+    digests = {
+        method_digest(model, build_methods(c, geo, 64, "cpu", torch.float32)[0])
+        for c in (compose("model=tiny-random", "eval.methods=[performer]", r) for r in ranks)
+    }
+    assert len(digests) == 3
