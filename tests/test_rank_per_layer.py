@@ -9,7 +9,9 @@ every layer, Baseline+ given the first, largest or summed rank instead of the me
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -87,6 +89,14 @@ def test_mixed_ranks_train_evaluate_and_stream(extracted, compose, tiny_model, t
         with pytest.raises(LessctlError, match="trained for less.rank=") as err:
             load_less(compose(*extracted, other, f"less.ckpt={out}"), geo, "cpu", pol)
         assert "\n" not in str(err.value)
+    # a manifest that says [4, 2] over layer files of [2, 4]: the files' ranks decide
+    lying = tmp_path / "lying"
+    shutil.copytree(out, lying)
+    (lying / "manifest.json").write_text(
+        json.dumps({**man, "kernel": {**man["kernel"], "rank": [4, 2]}})
+    )
+    with pytest.raises(LessctlError, match="layer 0 has rank 2; evaluating less.rank=4"):
+        load_less(compose(*extracted, "less.rank=[4,2]", f"less.ckpt={lying}"), geo, "cpu", pol)
     # eval finds the checkpoint by its ranks and evaluates perplexity
     res = CliRunner().invoke(
         app, ["eval", *extracted, MIXED, "eval.methods=[baseline,baseline_plus,less]"]
