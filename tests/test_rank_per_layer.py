@@ -198,3 +198,14 @@ def test_checkpoint_folders_and_method_digests_tell_rank_lists_apart(compose, ti
         for c in (compose("model=tiny-random", "eval.methods=[performer]", r) for r in ranks)
     }
     assert len(digests) == 3
+
+
+def test_bench_builds_untrained_kernels_of_each_layers_rank(compose, tiny_model, tmp_path):
+    """Without a checkpoint bench measures untrained kernels of the same shapes: per layer."""
+    from lessctl.bench.measure import bench_kernels
+
+    geo = attention_geometry(tiny_model[0])
+    cfg = compose("model=tiny-random", MIXED, f"train.dir={tmp_path / 'none'}")
+    kernels, cols = bench_kernels(cfg, geo, "cpu", get_policy("lambda", sink=2, recent=6))
+    assert cols["kernels"] == "untrained" and cols["state_ranks"] == [2, 4]
+    assert [kernels[i].net.W2k.shape[-1] for i in (0, 1)] == [2, 4]
