@@ -197,7 +197,7 @@ def run_triton_vs_torch(rows: Rows, cfg, device, cuda: bool) -> None:
 
     from lessctl.bench.breakdown import step_breakdown
     from lessctl.cache import EvictingCache, triton_step
-    from lessctl.less.kernels import KernelConfig, LayerKernels
+    from lessctl.less.kernels import KernelConfig, LayerKernels, rank_list
     from lessctl.policies import get_policy
 
     m = cfg.model
@@ -206,7 +206,8 @@ def run_triton_vs_torch(rows: Rows, cfg, device, cuda: bool) -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     budget = 256 if cuda else 16
     policy = get_policy("lambda", sink=4, recent=budget - 4)
-    rank, hidden = int(cfg.less.rank), int(cfg.less.hidden) if cuda else 32
+    rank = (rank_list(cfg.less.rank) or [int(cfg.less.rank)])[0]  # one layer: the first's
+    hidden = int(cfg.less.hidden) if cuda else 32
     for batch in (1, 8) if cuda else (1,):
         for mode in ("always", "never"):
             prev = triton_step.configure(mode)

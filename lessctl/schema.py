@@ -174,7 +174,8 @@ SCHEMA: tuple[Field, ...] = tuple(
         ("bench.memory_cap_mb", number(0, lo_open=True)),
         ("bench.max_batch", int_at_least(1)),
         ("bench.breakdown", BOOL),
-        ("less.rank", int_at_least(1)),
+        # one rank for every layer, or one per layer (its length: checked with the model)
+        ("less.rank", any_of(int_at_least(1), list_of(int_at_least(1)))),
         ("less.hidden", int_at_least(1)),
         ("less.dropout", number(0.0, 1.0, hi_open=True)),
         ("less.init_scale", number(0.0)),

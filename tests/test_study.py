@@ -85,3 +85,18 @@ def test_one_factor_comparisons_pair_only_points_one_factor_apart():
     tok = comp[comp.factor == "train tokens"].iloc[0]
     assert tok["at"] == "epochs 2, hidden 128, rank 8"
     assert float(tok["Δ gap closed"]) > 0.3 and tok.verdict == "significant"
+
+
+def test_a_study_point_names_a_per_layer_rank(tmp_path):
+    """A checkpoint's rank list is one factor value: a uniform list is its rank, a mixed one
+    each layer's rank ("2,4", not the first or the mean)."""
+    import json
+
+    from lessctl.report.study import study_point
+
+    for rank, want in ((8, 8), ([8, 8], 8), ([2, 4], "2,4")):
+        ck = tmp_path / f"ck{want}"
+        ck.mkdir(exist_ok=True)
+        man = {"spec": {"train": {"epochs": 2}}, "kernel": {"hidden": 32, "rank": rank}}
+        (ck / "manifest.json").write_text(json.dumps(man))
+        assert study_point(str(ck))["rank"] == want

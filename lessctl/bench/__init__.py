@@ -13,8 +13,8 @@ sliding-window layers prefills in one forward, prompt protocol, and gets no pref
   never holds more than budget + chunk tokens, so prefill memory is flat in the context);
 - ``less``: the policy plus phi/psi kernels (trained via ``methods.load_less`` when a checkpoint
   exists, refused like ``eval`` when one of another budget does; untrained ones of the
-  configured rank/hidden when there is none: the same cost; rows ``kernels``,
-  ``trained_budget``, ``transfer``).
+  configured rank (each layer's, for a per-layer ``less.rank``) and hidden width when there is
+  none: the same cost; rows ``kernels``, ``state_ranks``, ``trained_budget``, ``transfer``).
 
 Then ``bench.warmup`` greedy steps (the first brings an evicting cache down to its budget) and
 ``bench.steps`` timed ones (median per-token latency; CUDA: the device's event timers).
@@ -117,7 +117,7 @@ def _check(cfg: DictConfig, model, names: list[str], context: int) -> None:
 
 def run(cfg: DictConfig, model, tokenizer, log=print) -> list[dict[str, Any]]:
     """Rows {task: bench, model, method, policy, budget, context, batch_size, prefill_chunk,
-    kernels, trained_budget, transfer, native_step, triton_step, metric,
+    kernels, state_ranks, trained_budget, transfer, native_step, triton_step, metric,
     value} (module doc)."""
     b = cfg.bench
     names = list(b.methods)
@@ -194,6 +194,7 @@ def _columns(cfg: DictConfig, name: str, context: int, batch: int, budget, cols:
         "prefill_chunk": int(cfg.bench.prefill_chunk),
         "memory_cap_mb": float(cfg.bench.memory_cap_mb),
         "kernels": None,
+        "state_ranks": None,  # less: each layer's state rank
         "trained_budget": None,
         "transfer": None,
         **dict.fromkeys(TRAINED_ON_KEYS),  # less with trained kernels: their text (methods.py)

@@ -33,11 +33,14 @@ def bench_kernels(
         ck = load_less(cfg, geo, device, policy)
         cols = {"kernels": "trained", "trained_budget": ck.trained_budget, "transfer": ck.transfer}
         cols.update(ck.trained_on or {})
-        return ck.kernels, cols
+        kernels = ck.kernels
     except CheckpointNotFound:
-        kc = kernel_config(cfg, geo, dropout=0.0, seed=0)  # seed: KernelConfig's default
-        kernels = {i: LayerKernels(kc).to(device).eval() for i in range(geo["num_layers"])}
-        return kernels, {"kernels": "untrained", "trained_budget": None, "transfer": None}
+        kernels = {  # seed: KernelConfig's default
+            i: LayerKernels(kernel_config(cfg, geo, i, dropout=0.0, seed=0)).to(device).eval()
+            for i in range(geo["num_layers"])
+        }
+        cols = {"kernels": "untrained", "trained_budget": None, "transfer": None}
+    return kernels, {**cols, "state_ranks": [kernels[i].cfg.rank for i in sorted(kernels)]}
 
 
 def sync(device: torch.device) -> None:

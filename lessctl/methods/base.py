@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from lessctl.errors import LessctlError
 from lessctl.hooks import refuse_unknown_kwargs
 from lessctl.less.attention import parallel_attention
-from lessctl.less.kernels import LayerKernels
+from lessctl.less.kernels import LayerKernels, layer_ranks, rank_list
 from lessctl.methods.registry import MethodContext
 from lessctl.policies.base import Policy, layer_evict_at
 from lessctl.policies.budget import build_policy
@@ -39,13 +39,20 @@ class Method:
     transfer: bool | None = None  # less: trained at another budget/split (less.transfer=true)
     extra_tokens: int | None = None  # baseline_plus: tokens added for the state's bytes
     trained_on: dict[str, Any] | None = None  # less: the kernels' text (TRAINED_ON_KEYS)
+    state_ranks: list[int] | None = None  # baseline_plus: the per-layer ranks it is worth
 
     def columns(self) -> dict[str, Any]:
-        """What every result row of this method records beside the evaluated budget."""
+        """What every result row of this method records beside the evaluated budget;
+        ``state_ranks``: each layer's state rank (its kernels', or the ranks whose mean state
+        bytes Baseline+'s extra tokens hold), None for a method with no state."""
+        ranks = self.state_ranks
+        if ranks is None and self.kernels:
+            ranks = [self.kernels[i].cfg.rank for i in sorted(self.kernels)]
         return {
             "trained_budget": self.trained_budget,
             "transfer": self.transfer,
             "extra_tokens": self.extra_tokens,
+            "state_ranks": ranks,
             **{k: (self.trained_on or {}).get(k) for k in TRAINED_ON_KEYS},
         }
 
@@ -164,8 +171,14 @@ def checkpoint_differences(man: dict[str, Any], cfg: DictConfig, policy: Policy)
         diffs.append(f"policy={man.get('policy')} (evaluating policy={policy.name})")
     kern = man.get("kernel", {})
     for k in KERNEL_KEYS:
-        want = cfg.less[k] if k == "kind" else int(cfg.less[k])
-        if kern.get(k) != want:
+        if k == "rank":  # an int or each layer's (an int checkpoint: every layer's rank)
+            n = man.get("geometry", {}).get("num_layers", 1)
+            same = _ranks(kern.get(k), n) == _ranks(cfg.less.rank, n)
+            want = rank_list(cfg.less.rank) or int(cfg.less.rank)
+        else:
+            want = cfg.less[k] if k == "kind" else int(cfg.less[k])
+            same = kern.get(k) == want
+        if not same:
             diffs.append(f"less.{k}={kern.get(k)} (evaluating less.{k}={want})")
     if diffs:
         return diffs
@@ -181,6 +194,14 @@ def checkpoint_differences(man: dict[str, Any], cfg: DictConfig, policy: Policy)
             f"(evaluating budget {policy.budget} with {_fmt_spec(want)})"
         ]
     return []
+
+
+def _ranks(rank: Any, num_layers: int) -> list[int] | None:
+    """Each layer's rank of an int or a list (a list of another length: as it is)."""
+    if rank is None:
+        return None
+    ranks = rank_list(rank)
+    return [int(rank)] * num_layers if ranks is None else ranks
 
 
 def _is_transfer(diffs: list[str]) -> bool:
@@ -278,6 +299,14 @@ def load_less(cfg: DictConfig, geo: dict[str, int], device, policy: Policy) -> C
             raise LessctlError(f"LESS checkpoint {path} lacks layer {i} ({p.name})")
         # status and sha256 checked: a layer that was not trained is refused, naming it
         kernels[i] = verified_kernels(path, i, device).eval()
+    ranks = layer_ranks(cfg.less.rank, geo["num_layers"])
+    bad = [i for i in kernels if kernels[i].cfg.rank != ranks[i]]
+    if bad:  # the layer files hold their configs: a manifest that says otherwise is refused
+        i = bad[0]
+        raise LessctlError(
+            f"LESS checkpoint {path}: layer {i} has rank {kernels[i].cfg.rank}; "
+            f"evaluating less.rank={ranks[i]} at layer {i}"
+        )
     return Checkpoint(kernels, str(path), man.get("budget"), bool(diffs), trained_on(man))
 
 
@@ -294,6 +323,7 @@ def build_methods(
     if bad:
         allowed = ", ".join(method_names())
         raise LessctlError(f"unknown eval.methods entry {bad[0]!r}; allowed: {allowed}")
+    layer_ranks(cfg.less.rank, geo["num_layers"])  # a per-layer list: one rank a layer
     policy = build_policy(
         cfg.policy, seq_len=seq_len, max_position_embeddings=geo["max_position_embeddings"]
     )

@@ -10,12 +10,14 @@ from lessctl.methods.registry import MethodContext, register_method
 
 
 def performer_kernels(cfg: DictConfig, geo: dict[str, int], device) -> dict[int, LayerKernels]:
-    """Untrained random-feature kernels (the paper's ablation), seeded per layer."""
+    """Untrained random-feature kernels (the paper's ablation), seeded per layer, each of its
+    layer's ``less.rank``."""
     return {
         i: LayerKernels(
             kernel_config(
                 cfg,
                 geo,
+                i,
                 kind="performer",
                 seed=int(cfg.less.seed) * 1000 + i,
             )

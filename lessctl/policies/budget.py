@@ -38,7 +38,8 @@ on the resolved budget (``sink < budget``, ``window <= budget``) is checked here
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 from lessctl.errors import InputError
@@ -108,18 +109,28 @@ def build_policy(cfg: Mapping[str, Any], *, seq_len: int, max_position_embedding
 STATE_BYTES = 4  # the LESS state (lessctl.less.state) is always float32
 
 
-def state_tokens(rank: int, head_dim: int, kv_bytes: int, state_bytes: int = STATE_BYTES) -> int:
+def state_tokens(
+    rank: int | Sequence[int], head_dim: int, kv_bytes: int, state_bytes: int = STATE_BYTES
+) -> int:
     """Tokens whose K and V (``kv_bytes`` per element) hold as many bytes as a rank-``rank``
     state per KV head (``rank * head_dim + rank`` elements of ``state_bytes``):
     ``round((rank * head_dim + rank) * state_bytes / (2 * head_dim * kv_bytes))``.
-    R=8, d=128: 4 with fp32 K/V, 8 with bf16/fp16 K/V (the state stays fp32)."""
-    return round((rank * head_dim + rank) * state_bytes / (2 * head_dim * kv_bytes))
+    R=8, d=128: 4 with fp32 K/V, 8 with bf16/fp16 K/V (the state stays fp32). ``rank`` a list
+    of each layer's rank: the mean state's bytes over the layers (every layer keeps the same
+    extra tokens, so the total bytes equal the states' total), in exact arithmetic."""
+    ranks = [rank] if isinstance(rank, int) else list(rank)
+    num = sum(ranks) * (head_dim + 1) * state_bytes
+    return round(Fraction(num, len(ranks) * 2 * head_dim * kv_bytes))
 
 
 def baseline_plus(
-    policy: Policy, rank: int, head_dim: int, kv_bytes: int, state_bytes: int = STATE_BYTES
+    policy: Policy,
+    rank: int | Sequence[int],
+    head_dim: int,
+    kv_bytes: int,
+    state_bytes: int = STATE_BYTES,
 ) -> Policy:
     """Baseline+: ``policy`` with ``state_tokens(rank, head_dim, kv_bytes, state_bytes)`` more
     tokens (h2o half heavy half recent, lambda to recent, snapkv to heavy, others to budget;
-    ``full`` unchanged)."""
+    ``full`` unchanged); ``rank``: an int or each layer's (:func:`state_tokens`)."""
     return policy.with_extra(state_tokens(rank, head_dim, kv_bytes, state_bytes))

@@ -36,8 +36,16 @@ def study_point(checkpoint: str) -> dict[str, Any]:
         "train tokens": tokens,
         "epochs": man["spec"]["train"]["epochs"],
         "hidden": man["kernel"]["hidden"],
-        "rank": man["kernel"]["rank"],
+        "rank": _rank(man["kernel"]["rank"]),
     }
+
+
+def _rank(rank: int | list[int]) -> int | str:
+    """A checkpoint's rank as a study factor: an int (also a list of one rank for every layer),
+    else each layer's rank joined by commas ("2,4")."""
+    if isinstance(rank, int) or len(set(rank)) > 1:
+        return rank if isinstance(rank, int) else ",".join(map(str, rank))
+    return int(rank[0])
 
 
 def study_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -85,6 +93,8 @@ def study_table(df: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(points)
     if table.empty:
         return table
+    if table["rank"].map(lambda r: isinstance(r, str)).any():  # a rank per layer: all as text
+        table["rank"] = table["rank"].astype(str)
     return table.sort_values(["dataset", "policy", "epochs", "hidden", "rank", "train tokens"])
 
 

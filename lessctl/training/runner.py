@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from lessctl.config import resolve_device, resolve_dtype
 from lessctl.errors import LessctlError
+from lessctl.less.kernels import layer_ranks, rank_list
 from lessctl.methods import CHECKPOINT_FORMAT, policy_spec
 from lessctl.policies.budget import baseline_plus, build_policy
 from lessctl.shards import ShardStore
@@ -45,7 +46,9 @@ def policies(cfg: DictConfig, seq_len: int, geo: dict[str, int], device):
     if policy.budget is None:
         raise LessctlError("policy=full evicts nothing: there is nothing for LESS to learn")
     kv_bytes = torch.empty((), dtype=resolve_dtype(cfg.dtype, device)).element_size()
-    return policy, baseline_plus(policy, int(cfg.less.rank), geo["head_dim"], kv_bytes)
+    # a rank per layer: Baseline+ of the mean state's bytes, as evaluated (methods/baseline_plus)
+    ranks = layer_ranks(cfg.less.rank, geo["num_layers"])
+    return policy, baseline_plus(policy, ranks, geo["head_dim"], kv_bytes)
 
 
 def checkpoint_manifest(
@@ -74,8 +77,16 @@ def checkpoint_manifest(
         },
         "seq_len": man["seq_len"],
         "geometry": geo,
-        "kernel": asdict(kernel_config(cfg, geo)),
+        "kernel": kernel_record(cfg, geo),
     }
+
+
+def kernel_record(cfg: DictConfig, geo: dict[str, int]) -> dict[str, Any]:
+    """The manifest's ``kernel``: the kernels' config with ``rank`` as configured, an int or the
+    list of each layer's (every layer's file holds its own config too)."""
+    ranks = layer_ranks(cfg.less.rank, geo["num_layers"])
+    record = asdict(kernel_config(cfg, geo, 0))
+    return {**record, "rank": ranks if rank_list(cfg.less.rank) is not None else ranks[0]}
 
 
 def layer_metrics(trainer: LayerTrainer, policy, plus, **extra: Any) -> dict[str, Any]:
@@ -93,7 +104,9 @@ def train_layer(
     geo = man["geometry"]
     device = resolve_device(cfg.device)
     policy, plus = policies(cfg, man["seq_len"], geo, device)
-    trainer = LayerTrainer(kernel_config(cfg, geo), layer, int(cfg.seed), t, policy.budget, device)
+    trainer = LayerTrainer(
+        kernel_config(cfg, geo, layer), layer, int(cfg.seed), t, policy.budget, device
+    )
     memory_gb = t.memory_gb
     pre_dir = out_dir / "precomputed" / f"layer_{layer:03d}"
     data = LayerData(

@@ -2,7 +2,10 @@
 
 from dataclasses import asdict
 
-from lessctl.less.kernels import KernelConfig, kernel_config
+import pytest
+
+from lessctl.errors import InputError
+from lessctl.less.kernels import KernelConfig, kernel_config, layer_ranks
 from lessctl.methods.performer import performer_kernels
 from lessctl.training.spec import kernel_config as training_kernel_config
 
@@ -33,3 +36,17 @@ def test_performer_kernels_are_seeded_per_layer(compose):
     kern = performer_kernels(cfg, GEO, "cpu")
     assert [k.cfg.seed for k in kern.values()] == [2000, 2001]
     assert all(k.cfg.kind == "performer" and k.cfg.rank == 4 for k in kern.values())
+
+
+def test_a_rank_list_gives_each_layer_its_rank(compose):
+    cfg = compose("less.rank=[6,2]", "less.hidden=24")
+    assert [kernel_config(cfg, GEO, i).rank for i in (0, 1)] == [6, 2]
+    one = kernel_config(compose("less.rank=6", "less.hidden=24"), GEO, 1)
+    assert kernel_config(cfg, GEO, 0) == one  # all but the rank as an int rank gives them
+    assert layer_ranks(6, 3) == [6, 6, 6] and layer_ranks(cfg.less.rank, 2) == [6, 2]
+    with pytest.raises(InputError, match="is per layer: name the layer"):
+        kernel_config(cfg, GEO)
+    with pytest.raises(InputError, match=r"has 2 entries; allowed: .* list of 3 ints"):
+        layer_ranks(cfg.less.rank, 3)
+    kern = performer_kernels(cfg, GEO, "cpu")  # the untrained ablation: each layer's rank
+    assert [k.net.omega.shape[-1] for k in kern.values()] == [6, 2]

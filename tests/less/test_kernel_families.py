@@ -7,26 +7,34 @@ family gets these tests with none of its own.
 2. where nothing is evicted the state is empty and the method is the plain policy (here: the
    unmodified model);
 3. the state the cache holds has the bytes that Baseline+ is given (R d + R fp32 per KV head and
-   layer, :func:`lessctl.policies.budget.state_tokens`), whatever the family;
+   layer, :func:`lessctl.policies.budget.state_tokens`; with a rank per layer, the mean over
+   the layers), whatever the family;
 4. save and load give the same features.
+
+The model's layers get different ranks (``RANKS``, as ``less.rank=[4, 2]`` gives them), so a
+cache or state that assumed one rank for every layer fails (1)-(3).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 from lessctl.less.kernels import KERNELS, KernelConfig, LayerKernels
 from lessctl.policies import get_policy
-from lessctl.policies.budget import STATE_BYTES
+from lessctl.policies.budget import STATE_BYTES, state_tokens
 from tests.test_cache import parallel_logits, streamed_with_cache
 
 FAMILIES = sorted(KERNELS)
 RANK = 4
+RANKS = (4, 2)  # layer i has rank RANKS[i % 2] (less.rank per layer): the forms hold per layer
 
 
 def family_kernels(model, kind: str, scale: float = 1.0) -> dict[int, LayerKernels]:
-    """Kernels of ``kind`` for every layer, psi's scale ``scale`` (not ~0: the state weighs)."""
+    """Kernels of ``kind`` for every layer, psi's scale ``scale`` (not ~0: the state weighs),
+    layer i of rank ``RANKS[i % 2]``."""
     c = model.config
     kc = KernelConfig(
         c.num_attention_heads,
@@ -41,7 +49,10 @@ def family_kernels(model, kind: str, scale: float = 1.0) -> dict[int, LayerKerne
     )
     with torch.random.fork_rng():
         torch.manual_seed(1)
-        return {i: LayerKernels(kc).eval() for i in range(c.num_hidden_layers)}
+        return {
+            i: LayerKernels(replace(kc, rank=RANKS[i % 2])).eval()
+            for i in range(c.num_hidden_layers)
+        }
 
 
 def test_the_registry_holds_the_paper_its_ablation_and_the_variants():
@@ -89,10 +100,14 @@ def test_the_state_holds_the_bytes_baseline_plus_is_given(tiny_model, kind):
     pol = get_policy("lambda", sink=2, recent=6)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(5))
     _, cache = streamed_with_cache(model, ids, pol, family_kernels(model, kind))
-    for layer in cache.layers:
-        st = layer.state
+    for i, layer in enumerate(cache.layers):
+        st, r = layer.state, RANKS[i % 2]
         held = st.H.numel() * st.H.element_size() + st.z.numel() * st.z.element_size()
-        assert held == hkv * (RANK * d + RANK) * STATE_BYTES
+        assert held == hkv * (r * d + r) * STATE_BYTES
+    # Baseline+ of per-layer ranks: the tokens of the mean state over the layers
+    ranks = [RANKS[i % 2] for i in range(len(cache.layers))]
+    mean_bytes = hkv * sum((r * d + r) * STATE_BYTES for r in ranks) / len(ranks)
+    assert abs(state_tokens(ranks, d, 4) * hkv * 2 * d * 4 - mean_bytes) <= hkv * d * 4
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

@@ -12,6 +12,8 @@ from lessctl.less.kernels.base import (
     LayerKernels,
     dropout,
     kernel_config,
+    layer_ranks,
+    rank_list,
     register_kernel,
 )
 
@@ -30,5 +32,7 @@ __all__ = [
     "PerformerKernels",
     "dropout",
     "kernel_config",
+    "layer_ranks",
+    "rank_list",
     "register_kernel",
 ]

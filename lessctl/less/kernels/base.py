@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from lessctl.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -49,18 +52,48 @@ class KernelConfig:
     seed: int = 0
 
 
-def kernel_config(cfg: Any, geo: dict[str, int], **overrides: Any) -> KernelConfig:
-    """The kernels' config for a model of attention geometry ``geo`` (num_heads, num_kv_heads,
-    head_dim) from the composed config's ``less.*`` (rank, hidden, dropout, init_scale, kind,
-    seed), with ``overrides`` replacing
-    fields (e.g. ``dropout=0.0``, ``kind="performer"``). The one place a KernelConfig is built
-    from a config."""
+def rank_list(rank: Any) -> list[int] | None:
+    """``less.rank`` as the list it is (a list or an OmegaConf ListConfig), or None for an int."""
+    if isinstance(rank, str | bytes) or not isinstance(rank, Sequence):
+        return None
+    return [int(r) for r in rank]
+
+
+def layer_ranks(rank: Any, num_layers: int) -> list[int]:
+    """Each of the ``num_layers`` layers' rank from ``less.rank``: an int (every layer) or a
+    list of one int per layer; a list of another length is refused in one line."""
+    ranks = rank_list(rank)
+    if ranks is None:
+        return [int(rank)] * num_layers
+    if len(ranks) != num_layers:
+        raise InputError(
+            f"less.rank={ranks} has {len(ranks)} entries; allowed: an int >= 1 or a list of "
+            f"{num_layers} ints >= 1 (one per layer of the model)"
+        )
+    return ranks
+
+
+def kernel_config(
+    cfg: Any, geo: dict[str, int], layer: int | None = None, **overrides: Any
+) -> KernelConfig:
+    """Layer ``layer``'s kernels' config for a model of attention geometry ``geo`` (num_heads,
+    num_kv_heads, head_dim, num_layers) from the composed config's ``less.*`` (rank: the
+    layer's entry of a per-layer list, :func:`layer_ranks`; hidden, dropout, init_scale, kind,
+    seed), with ``overrides`` replacing fields (e.g. ``dropout=0.0``, ``kind="performer"``).
+    ``layer`` may be left out only when ``less.rank`` is an int. The one place a KernelConfig
+    is built from a config."""
     lc = cfg.less
+    if rank_list(lc.rank) is None:
+        rank = int(lc.rank)
+    elif layer is None:
+        raise InputError(f"less.rank={rank_list(lc.rank)} is per layer: name the layer")
+    else:
+        rank = layer_ranks(lc.rank, geo["num_layers"])[layer]
     kc = KernelConfig(
         num_heads=geo["num_heads"],
         num_kv_heads=geo["num_kv_heads"],
         head_dim=geo["head_dim"],
-        rank=int(lc.rank),
+        rank=rank,
         hidden=int(lc.hidden),
         dropout=float(lc.dropout),
         init_scale=float(lc.init_scale),

@@ -5,7 +5,8 @@
 
 The softmax over the projections gives spiky, positive, bounded features (Hedgehog's argument:
 they mimic softmax attention's low entropy and monotonicity where ELU-style maps do not); the
-two signs keep the map from ignoring negative projections. ``less.rank`` must be even.
+two signs keep the map from ignoring negative projections. ``less.rank`` must be even
+(each layer's, for a per-layer list).
 ``s = init_scale`` makes an untrained module ~ the plain sparse policy. ``less.hidden`` is unused.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lessctl.less.kernels.base import KernelConfig, dropout, register_kernel, uniform
+from lessctl.less.kernels.base import KernelConfig, dropout, rank_list, register_kernel, uniform
 
 
 @register_kernel("hedgehog")
@@ -31,9 +32,14 @@ class HedgehogKernels(nn.Module):
 
     @classmethod
     def config_problem(cls, cfg) -> str | None:
-        """less.rank must be even (R/2 projections, each with both signs)."""
-        rank = int(cfg.rank)
-        return None if rank % 2 == 0 else f"less.rank={rank} with less.kind=hedgehog; allowed: even"
+        """less.rank must be even (R/2 projections, each with both signs), every layer's entry
+        of a per-layer list too."""
+        ranks = rank_list(cfg.rank)
+        odd = [r for r in ranks or [int(cfg.rank)] if r % 2]
+        if not odd:
+            return None
+        shown = int(cfg.rank) if ranks is None else ranks
+        return f"less.rank={shown} with less.kind=hedgehog; allowed: even (every layer's rank)"
 
     def _features(self, x: Tensor, w: Tensor) -> Tensor:
         """x [B,h,S,d], w [h,d,R/2] -> [softmax(x w), softmax(-x w)] [B,h,S,R] > 0."""

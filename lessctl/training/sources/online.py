@@ -291,9 +291,11 @@ def _train(cfg, model, chunks, man, targets, rank, world, device, say):
     geo = man["geometry"]
     reduce = _average(world)
     for tg in targets:
-        kcfg = kernel_config(tg.cfg, geo)
         seed, budget = int(cfg.seed), tg.policy.budget
-        tg.trainers = {i: LayerTrainer(kcfg, i, seed, t, budget, device, reduce) for i in tg.todo}
+        tg.trainers = {
+            i: LayerTrainer(kernel_config(tg.cfg, geo, i), i, seed, t, budget, device, reduce)
+            for i in tg.todo
+        }
     mods = attention_layers(model)
     w = {
         i: {
@@ -310,7 +312,11 @@ def _train(cfg, model, chunks, man, targets, rank, world, device, say):
     # memory bound, printed as extract prints its disk need
     tcfg = model.config.get_text_config(decoder=True)
     n_trainers = sum(len(tg.todo) for tg in targets)
-    any_trainer = next(tr for tg in targets for tr in tg.trainers.values())
+    params = [
+        sum(p.numel() for p in tr.kern.parameters())
+        for tg in targets
+        for tr in tg.trainers.values()
+    ]
     est = memory_estimate(
         geo,
         sum(p.numel() * p.element_size() for p in model.parameters()),
@@ -319,7 +325,7 @@ def _train(cfg, model, chunks, man, targets, rank, world, device, say):
         max(len(c) for c in chunks),
         man["seq_len"],
         len(layers),
-        sum(p.numel() for p in any_trainer.kern.parameters()),
+        max(params),  # the largest layer's (a rank per layer: they differ), a bound
         torch.empty((), dtype=next(model.parameters()).dtype).element_size(),
         n_trainers,
     )
