@@ -2,7 +2,8 @@
 enters (`lessctl.config.load_config`), and a bad one gets one line naming the key, the value and
 what is allowed.
 
-The root keys are listed here (`SCHEMA`; ``less.kind`` against the kernel registry,
+The root keys are listed here (`SCHEMA`; ``less.kind`` against the kernel registry and
+``less.state`` against the state variants',
 ``eval.methods`` / ``bench.methods`` against the method registry); the groups
 whose keys depend on the option chosen are checked against their owners' declarations, each a
 mapping key -> `Rule` kept next to the code that reads the keys:
@@ -177,6 +178,7 @@ SCHEMA: tuple[Field, ...] = tuple(
         # one rank for every layer, or one per layer (its length: checked with the model)
         ("less.rank", any_of(int_at_least(1), list_of(int_at_least(1)))),
         ("less.hidden", int_at_least(1)),
+        ("less.states", int_at_least(1)),
         ("less.dropout", number(0.0, 1.0, hi_open=True)),
         ("less.init_scale", number(0.0)),
         ("less.seed", int_at_least(0)),
@@ -283,6 +285,10 @@ def _kernel_family(cfg: DictConfig) -> None:
     )
     problem = getattr(KERNELS[less.kind], "config_problem", None)
     if problem is not None and (words := problem(less)):
+        raise SchemaError(words)
+    from lessctl.less.states import state_problem  # less.state and its variant's own rules
+
+    if words := state_problem(less):
         raise SchemaError(words)
 
 

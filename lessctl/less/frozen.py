@@ -53,12 +53,14 @@ def _heads_back(y: Tensor, bs: tuple[int, int]) -> Tensor:
 class FrozenKernels:
     """``log_phi(q)`` [B,H,S,d] -> [B,H,S,R] and ``psi(k)`` / ``log_psi(k)`` [B,Hkv,S,d] ->
     [B,Hkv,S,R] of ``kernels`` (module doc); ``linear``: the family folds into the fast path
-    (``fold()``: the paper's MLPs), whose psi is used directly; any other family goes through
-    its module's (log) features."""
+    (``fold()``: the paper's MLPs, under the sum state), whose psi is used directly; any other
+    family or state variant goes through its module's (log) features."""
 
     def __init__(self, kernels: LayerKernels) -> None:
         self.module, self.cfg = kernels, kernels.cfg
-        fold = getattr(kernels.net, "fold", None)  # the paper's MLPs (kernels/learned.py)
+        # the paper's MLPs (kernels/learned.py) under the sum state; a state variant that maps
+        # the features (lessctl.less.states) goes through the module's own (log) features
+        fold = getattr(kernels.net, "fold", None) if kernels.plain_features else None
         self.linear = fold is not None
         if self.linear:
             w = fold()

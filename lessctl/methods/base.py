@@ -24,6 +24,7 @@ from lessctl.errors import LessctlError
 from lessctl.hooks import refuse_unknown_kwargs
 from lessctl.less.attention import parallel_attention
 from lessctl.less.kernels import LayerKernels, layer_ranks, rank_list
+from lessctl.less.states import state_label
 from lessctl.methods.registry import MethodContext
 from lessctl.policies.base import Policy, layer_evict_at
 from lessctl.policies.budget import build_policy
@@ -44,15 +45,20 @@ class Method:
     def columns(self) -> dict[str, Any]:
         """What every result row of this method records beside the evaluated budget;
         ``state_ranks``: each layer's state rank (its kernels', or the ranks whose mean state
-        bytes Baseline+'s extra tokens hold), None for a method with no state."""
+        bytes Baseline+'s extra tokens hold), None for a method with no state;
+        ``state_variant``: its kernels' ``less.state`` (e.g. ``sum``, ``multi x2``)."""
         ranks = self.state_ranks
-        if ranks is None and self.kernels:
-            ranks = [self.kernels[i].cfg.rank for i in sorted(self.kernels)]
+        variant = None
+        if self.kernels:
+            ranks = ranks or [self.kernels[i].cfg.rank for i in sorted(self.kernels)]
+            kc = next(iter(self.kernels.values())).cfg
+            variant = state_label(kc.state, kc.states)
         return {
             "trained_budget": self.trained_budget,
             "transfer": self.transfer,
             "extra_tokens": self.extra_tokens,
             "state_ranks": ranks,
+            "state_variant": variant,
             **{k: (self.trained_on or {}).get(k) for k in TRAINED_ON_KEYS},
         }
 
@@ -138,7 +144,8 @@ def _same_training(cfg: DictConfig, man: dict) -> bool:
 
 
 CHECKPOINT_FORMAT = 2  # manifests with `format`, `split` (policy_spec) and `data`
-KERNEL_KEYS = ("rank", "hidden", "kind")  # what an evaluation needs of the trained kernels
+KERNEL_KEYS = ("rank", "hidden", "kind", "state", "states")  # what an evaluation needs of them
+KERNEL_DEFAULTS = {"state": "sum", "states": 1}  # what a checkpoint older than the keys holds
 
 
 class CheckpointNotFound(LessctlError):
@@ -176,8 +183,10 @@ def checkpoint_differences(man: dict[str, Any], cfg: DictConfig, policy: Policy)
             same = _ranks(kern.get(k), n) == _ranks(cfg.less.rank, n)
             want = rank_list(cfg.less.rank) or int(cfg.less.rank)
         else:
-            want = cfg.less[k] if k == "kind" else int(cfg.less[k])
-            same = kern.get(k) == want
+            default = KERNEL_DEFAULTS.get(k)
+            want = cfg.less.get(k, default)
+            want = str(want) if k in ("kind", "state") else int(want)
+            same = kern.get(k, default) == want
         if not same:
             diffs.append(f"less.{k}={kern.get(k)} (evaluating less.{k}={want})")
     if diffs:

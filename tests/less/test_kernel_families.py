@@ -1,5 +1,6 @@
-"""The shared contract of every registered kernel family (lessctl.less.kernels.KERNELS): a new
-family gets these tests with none of its own.
+"""The shared contract of every registered kernel family (lessctl.less.kernels.KERNELS) under
+every registered state variant (lessctl.less.states.STATES): a new family or variant gets these
+tests with none of its own.
 
 1. the cache's recurrent form (streaming protocol: evictions folded into H and z one key at a
    time, then the steady decode step) equals the parallel form, with kernels strong enough that
@@ -23,18 +24,23 @@ import pytest
 import torch
 
 from lessctl.less.kernels import KERNELS, KernelConfig, LayerKernels
+from lessctl.less.states import STATES
 from lessctl.policies import get_policy
 from lessctl.policies.budget import STATE_BYTES, state_tokens
 from tests.test_cache import parallel_logits, streamed_with_cache
 
 FAMILIES = sorted(KERNELS)
+VARIANTS = sorted(STATES)
+STATES_OF = {"sum": 1}  # M states per KV head for a variant (others: 2, dividing RANKS)
 RANK = 4
 RANKS = (4, 2)  # layer i has rank RANKS[i % 2] (less.rank per layer): the forms hold per layer
 
 
-def family_kernels(model, kind: str, scale: float = 1.0) -> dict[int, LayerKernels]:
-    """Kernels of ``kind`` for every layer, psi's scale ``scale`` (not ~0: the state weighs),
-    layer i of rank ``RANKS[i % 2]``."""
+def family_kernels(
+    model, kind: str, scale: float = 1.0, state: str = "sum"
+) -> dict[int, LayerKernels]:
+    """Kernels of ``kind`` under state variant ``state`` for every layer, psi's scale ``scale``
+    (not ~0: the state weighs), layer i of rank ``RANKS[i % 2]``."""
     c = model.config
     kc = KernelConfig(
         c.num_attention_heads,
@@ -46,6 +52,8 @@ def family_kernels(model, kind: str, scale: float = 1.0) -> dict[int, LayerKerne
         init_scale=scale,
         kind=kind,
         seed=1,
+        state=state,
+        states=STATES_OF.get(state, 2),
     )
     with torch.random.fork_rng():
         torch.manual_seed(1)
@@ -57,16 +65,18 @@ def family_kernels(model, kind: str, scale: float = 1.0) -> dict[int, LayerKerne
 
 def test_the_registry_holds_the_paper_its_ablation_and_the_variants():
     assert {"learned", "performer", "light", "hedgehog"} <= set(KERNELS)
+    assert {"sum", "multi"} <= set(STATES)
 
 
 @pytest.mark.parametrize(
     "policy", [("lambda", dict(sink=2, recent=10)), ("h2o", dict(heavy=6, recent=6))]
 )
+@pytest.mark.parametrize("state", VARIANTS)
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_recurrent_form_equals_the_parallel_form(tiny_model, kind, policy):
+def test_recurrent_form_equals_the_parallel_form(tiny_model, kind, state, policy):
     model, _ = tiny_model
     pol = get_policy(policy[0], **policy[1])
-    kernels = family_kernels(model, kind)
+    kernels = family_kernels(model, kind, state=state)
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
     ref = parallel_logits(model, ids, pol, kernels)
     got, cache = streamed_with_cache(model, ids, pol, kernels)
@@ -77,12 +87,13 @@ def test_recurrent_form_equals_the_parallel_form(tiny_model, kind, policy):
     assert (got - parallel_logits(model, ids, pol, None)).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("state", VARIANTS)
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_nothing_evicted_is_the_plain_policy(tiny_model, kind):
+def test_nothing_evicted_is_the_plain_policy(tiny_model, kind, state):
     model, _ = tiny_model
     pol = get_policy("h2o", heavy=32, recent=32)  # budget 64 > the 30 tokens
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(4))
-    kernels = family_kernels(model, kind)
+    kernels = family_kernels(model, kind, state=state)
     with torch.no_grad():
         want = model(ids).logits.float()
     scale = want.abs().max().item()
@@ -92,14 +103,15 @@ def test_nothing_evicted_is_the_plain_policy(tiny_model, kind):
     assert all(float(layer.state.z.abs().sum()) < 1e-30 for layer in cache.layers)
 
 
+@pytest.mark.parametrize("state", VARIANTS)
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_the_state_holds_the_bytes_baseline_plus_is_given(tiny_model, kind):
+def test_the_state_holds_the_bytes_baseline_plus_is_given(tiny_model, kind, state):
     model, _ = tiny_model
     c = model.config
     d, hkv = c.hidden_size // c.num_attention_heads, c.num_key_value_heads
     pol = get_policy("lambda", sink=2, recent=6)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(5))
-    _, cache = streamed_with_cache(model, ids, pol, family_kernels(model, kind))
+    _, cache = streamed_with_cache(model, ids, pol, family_kernels(model, kind, state=state))
     for i, layer in enumerate(cache.layers):
         st, r = layer.state, RANKS[i % 2]
         held = st.H.numel() * st.H.element_size() + st.z.numel() * st.z.element_size()
@@ -110,9 +122,21 @@ def test_the_state_holds_the_bytes_baseline_plus_is_given(tiny_model, kind):
     assert abs(state_tokens(ranks, d, 4) * hkv * 2 * d * 4 - mean_bytes) <= hkv * d * 4
 
 
+@pytest.mark.parametrize("state", VARIANTS)
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_save_and_load_give_the_same_features(tmp_path, kind):
-    kc = KernelConfig(4, 2, 16, rank=RANK, hidden=8, kind=kind, init_scale=0.5, seed=2)
+def test_save_and_load_give_the_same_features(tmp_path, kind, state):
+    kc = KernelConfig(
+        4,
+        2,
+        16,
+        rank=RANK,
+        hidden=8,
+        kind=kind,
+        init_scale=0.5,
+        seed=2,
+        state=state,
+        states=STATES_OF.get(state, 2),
+    )
     torch.manual_seed(0)
     mod = LayerKernels(kc).eval()
     mod.save(tmp_path / "k.safetensors")

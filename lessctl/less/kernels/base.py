@@ -15,8 +15,9 @@ A family is one file in this folder: an ``nn.Module`` class registered with
 
 Every registered family is held by the shared conformance test (tests/less/test_kernel_families.py):
 the cache's recurrent step equals the parallel form, a state with nothing folded is the plain
-policy, and the state's bytes are what the cache holds. The state itself is the same rank-R
-sum ``H = sum psi(k)^T v``, ``z = sum psi(k)`` for every family.
+policy, and the state's bytes are what the cache holds, under every state variant. The state
+itself is the same rank-R sum ``H = sum psi(k)^T v``, ``z = sum psi(k)`` for every family; a
+state variant (``less.state``, lessctl.less.states) maps the family's features before the sum.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class KernelConfig:
     init_scale: float = 1e-4
     kind: str = "learned"  # a registered family (KERNELS): learned, performer, light, hedgehog
     seed: int = 0
+    state: str = "sum"  # a registered state variant (lessctl.less.states): sum, multi
+    states: int = 1  # M states per KV head (less.state=multi), rank/M rows each
 
 
 def rank_list(rank: Any) -> list[int] | None:
@@ -99,6 +102,8 @@ def kernel_config(
         init_scale=float(lc.init_scale),
         kind=str(lc.kind),
         seed=int(lc.seed),
+        state=str(lc.get("state", "sum")),
+        states=int(lc.get("states", 1)),
     )
     return replace(kc, **overrides)
 
@@ -142,24 +147,37 @@ def register_kernel(name: str):
 
 
 class LayerKernels(nn.Module):
-    """One layer's phi/psi built from a :class:`KernelConfig`; save/load with safetensors."""
+    """One layer's phi/psi built from a :class:`KernelConfig`: the kernel family's features
+    (``net``) through the state variant's write and read maps (``state_map``, lessctl.less.states;
+    the identity for the paper's sum state); save/load with safetensors."""
 
     def __init__(self, cfg: KernelConfig) -> None:
         super().__init__()
+        from lessctl.less.states import STATES  # the variants import this module
+
         if cfg.kind not in KERNELS:
             raise ValueError(f"unknown kernel kind {cfg.kind!r}; allowed: {', '.join(KERNELS)}")
+        if cfg.state not in STATES:
+            raise ValueError(f"unknown state {cfg.state!r}; allowed: {', '.join(STATES)}")
         if cfg.num_heads % cfg.num_kv_heads:
             raise ValueError(f"num_heads={cfg.num_heads} not a multiple of {cfg.num_kv_heads}")
         self.cfg = cfg
         self.net = KERNELS[cfg.kind](cfg)
+        self.state_map = STATES[cfg.state](cfg)
+
+    @property
+    def plain_features(self) -> bool:
+        """Whether the state variant maps the family's features to themselves (the sum state):
+        then the family's folded fast path (lessctl.less.frozen) is its features."""
+        return bool(self.state_map.identity)
 
     def phi(self, q: Tensor) -> Tensor:
         """q [B,H,S,d] -> [B,H,S,R]."""
-        return self.net.phi(q)
+        return self.state_map.read(self.net.phi(q))
 
     def psi(self, k: Tensor) -> Tensor:
         """k [B,Hkv,S,d] -> [B,Hkv,S,R]."""
-        return self.net.psi(k)
+        return self.state_map.write(self.net.psi(k))
 
     @property
     def log_features(self) -> bool:
@@ -170,12 +188,14 @@ class LayerKernels(nn.Module):
     def log_phi(self, q: Tensor) -> Tensor:
         """log phi(q) [B,H,S,R] (-inf for a zero feature), computed in fp32."""
         q = q.float()
-        return self.net.log_phi(q) if self.log_features else torch.log(self.net.phi(q))
+        lp = self.net.log_phi(q) if self.log_features else torch.log(self.net.phi(q))
+        return self.state_map.log_read(lp)
 
     def log_psi(self, k: Tensor) -> Tensor:
         """log psi(k) [B,Hkv,S,R] (-inf for a zero feature), computed in fp32."""
         k = k.float()
-        return self.net.log_psi(k) if self.log_features else torch.log(self.net.psi(k))
+        lp = self.net.log_psi(k) if self.log_features else torch.log(self.net.psi(k))
+        return self.state_map.log_write(lp)
 
     def safetensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         """(tensors, metadata) of the .safetensors form: the weights and buffers (CPU) and the
