@@ -9,7 +9,7 @@ TORCH   := torch==2.13.0
 # where it cannot be (no wheel for the platform) those tests skip.
 TRITON  := triton==3.9.0
 
-.PHONY: install assets test test-slow lint reproduce study retrieval clean
+.PHONY: install assets test test-slow lint reproduce study retrieval variants clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -137,3 +137,21 @@ retrieval: install
 	  policy.budget.size=$(call _csv,$(RETR_BUDGETS)) $(JOBS)
 	$(MAKE) -j$(NPROC) retrieval-passkey retrieval-needle retrieval-vt
 	$(LESS) report results_dir=results/retrieval run_name=retrieval
+
+# The variants study (issue 24; not part of reproduce; ~1 h on 2 cores): conf/experiment/
+# variants.yaml. Every sidekick variant of conf/variant/ (VARIANTS) trained on the cpu preset's
+# text at rank 8 (equal state bytes) and Λ's budget 32, evaluated on the WikiText and PG-19
+# stand-ins; the paper's form last with Full, Baseline+ and Performer (the report's perplexity
+# section shows the newest LESS run; its variants section shows them all, paired against the
+# paper's form and Baseline+). Runs and report in results/variants/ (REPORT.md, figures/).
+VAR       := experiment=variants
+VARIANTS  ?= light hedgehog multi2 multi4 paper
+variants: install
+	$(LESS) assets
+	$(LESS) extract $(VAR)
+	$(LESS) train -m $(VAR) variant=$(call _csv,$(filter-out paper,$(VARIANTS)) paper) $(JOBS)
+	for t in wikitext2 pg19; do for v in $(filter-out paper,$(VARIANTS)) paper; do \
+	  m=less; [ $$v = paper ] && m=full,baseline_plus,less,performer; \
+	  $(LESS) eval $(VAR) task=$$t variant=$$v "eval.methods=[$$m]" || exit 1; \
+	done; done
+	$(LESS) report results_dir=results/variants run_name=variants

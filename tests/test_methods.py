@@ -34,12 +34,14 @@ def test_less_method_finds_latest_matching_checkpoint(trained, compose, tiny_mod
     assert m.checkpoint == str(out) and sorted(m.kernels) == [0, 1]
     cols = m.columns()
     keys = ("trained_budget", "transfer", "extra_tokens", "state_ranks", "state_variant")
+    keys += ("kernel_kind",)
     assert {k: cols.pop(k) for k in keys} == {
         "trained_budget": 16,
         "transfer": False,
         "extra_tokens": None,
         "state_ranks": [8, 8],  # each layer's kernels' rank
         "state_variant": "sum",  # the paper's state
+        "kernel_kind": "learned",
     }
     # the kernels' text: 24 windows of 64 tokens from the file, trained from shards
     assert cols.pop("kernel_tokens") == 24 * 64 and cols.pop("kernel_train_source") == "shards"

@@ -109,3 +109,21 @@ def test_the_papers_state_keeps_the_checkpoint_folder_names(compose):
     assert checkpoint_dir(multi, man) != checkpoint_dir(
         compose("model=tiny-random", "less.rank=4"), man
     )
+
+
+def test_every_variant_preset_composes_at_the_papers_bytes(compose):
+    """conf/variant/*: each composes under experiment=variants, passes the schema and holds the
+    paper's state bytes (rank 8), so the variants study compares at equal bytes."""
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parent.parent / "conf" / "variant"
+    names = sorted(p.stem for p in conf.glob("*.yaml"))
+    assert {"paper", "light", "hedgehog", "multi2", "multi4"} <= set(names)
+    kinds = set()
+    for name in names:
+        cfg = compose("experiment=variants", f"variant={name}")
+        assert int(cfg.less.rank) == 8 and cfg.run_name == "variants"
+        kinds.add((cfg.less.kind, cfg.less.state, int(cfg.less.states)))
+    assert len(kinds) == len(names)  # no two presets are the same sidekick
+    paper = compose("experiment=variants", "variant=paper")
+    assert (paper.less.kind, paper.less.state) == ("learned", "sum")

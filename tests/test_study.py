@@ -35,8 +35,13 @@ def test_study_points_use_their_own_kernels_and_reach_the_report(compose, tmp_pa
     assert "## Study: what moves the gap" in text
     study = text.split("## Study: what moves the gap", 1)[1].split("\n## ", 1)[0]
     points = study.split("One factor at a time", 1)[0]
+    header = next(ln for ln in points.splitlines() if ln.startswith("| dataset"))
+    col = [c.strip() for c in header.split("|")].index("train tokens")
     rows = [ln for ln in points.splitlines() if ln.startswith("| ") and "lambda" in ln]
-    assert sorted(int(ln.split("|")[4]) for ln in rows) == [768, 1536]  # train tokens
+    assert sorted(int(ln.split("|")[col]) for ln in rows) == [768, 1536]  # train tokens
+    wall = [c.strip() for c in header.split("|")].index("train wall")
+    # trained by T.run, not the CLI: no train run folder holds their time
+    assert all(ln.split("|")[wall].strip() == "–" for ln in rows)
     for ln in rows:  # each point's gap closed with its paired bootstrap interval around it
         cells = [c.strip() for c in ln.strip("|").split("|")]
         gap, low, high = float(cells[-2]), *map(float, cells[-1].strip("[]").split(","))
@@ -48,7 +53,7 @@ def test_study_points_use_their_own_kernels_and_reach_the_report(compose, tmp_pa
     crow = next(ln for ln in comp.splitlines() if ln.startswith("| ") and "768 → 1536" in ln)
     cells = [c.strip() for c in crow.strip("|").split("|")]
     assert cells[3] == "train tokens" and cells[-1] in ("significant", "not significant")
-    gaps = {int(ln.split("|")[4]): float(ln.split("|")[-3]) for ln in rows}
+    gaps = {int(ln.split("|")[col]): float(ln.split("|")[-3]) for ln in rows}
     change, (low, high) = float(cells[-3]), map(float, cells[-2].strip("[]").split(","))
     assert abs(change - (gaps[1536] - gaps[768])) < 2e-3 and low <= change <= high
     assert (cells[-1] == "significant") == (low > 0 or high < 0)
@@ -69,12 +74,15 @@ def test_one_factor_comparisons_pair_only_points_one_factor_apart():
         return [Samples(rng.normal(m, 0.1, 16) * 100, n, exp=True) for m in (2.0, 3.0, shift)]
 
     base = {"dataset": "d", "policy": "lambda", "budget": 32, "epochs": 2, "hidden": 128}
+    base |= {"text": "train-mix", "train source": "shards"}
     table = pd.DataFrame(
         [
             {**base, "train tokens": 1000, "rank": 8, "_samples": smp(2.9)},
             {**base, "train tokens": 4000, "rank": 8, "_samples": smp(2.5)},
             {**base, "train tokens": 1000, "rank": 4, "_samples": smp(2.8)},
             {**base, "train tokens": 4000, "rank": 4, "epochs": 6, "_samples": smp(2.2)},
+            # other text and more tokens: two factors from every point, compared with none
+            {**base, "train tokens": 9000, "rank": 8, "text": "train-large", "_samples": smp(2.1)},
         ]
     )
     comp = comparisons(table)
@@ -83,7 +91,7 @@ def test_one_factor_comparisons_pair_only_points_one_factor_apart():
         ("train tokens", "1000 → 4000"),
     ]
     tok = comp[comp.factor == "train tokens"].iloc[0]
-    assert tok["at"] == "epochs 2, hidden 128, rank 8"
+    assert tok["at"] == "text train-mix, train source shards, epochs 2, hidden 128, rank 8"
     assert float(tok["Δ gap closed"]) > 0.3 and tok.verdict == "significant"
 
 
@@ -100,3 +108,43 @@ def test_a_study_point_names_a_per_layer_rank(tmp_path):
         man = {"spec": {"train": {"epochs": 2}}, "kernel": {"hidden": 32, "rank": rank}}
         (ck / "manifest.json").write_text(json.dumps(man))
         assert study_point(str(ck))["rank"] == want
+
+
+def test_a_point_whose_kernels_are_gone_is_read_from_its_run(tmp_path):
+    """On another machine the checkpoint folder is gone: the point's factors come from the eval
+    run's own config (which named them), so a regenerated report keeps every point; the train
+    wall time comes from the train run that wrote the checkpoint."""
+    import json
+
+    from lessctl.report.study import study_point, train_wall
+
+    run = tmp_path / "runs" / "eval" / "x-study"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        "data: {name: train-large}\nextract: {tokens: 1000448}\n"
+        "train: {epochs: 1, source: online}\nless: {hidden: 128, rank: 8}\n"
+    )
+    got = study_point(str(tmp_path / "gone"), str(run))
+    assert got == {
+        "text": "train-large",
+        "train source": "online",
+        "train tokens": 1000448,
+        "epochs": 1,
+        "hidden": 128,
+        "rank": 8,
+    }
+    assert study_point(str(tmp_path / "gone"), str(tmp_path / "no-run")) == {}
+    metas = [
+        {
+            "checkpoint": "/k/other",
+            "start": "2026-01-01T00:00:00+00:00",
+            "end": "2026-01-01T09:00:00+00:00",
+        },
+        {
+            "checkpoint": "/k/a",
+            "start": "2026-01-01T00:00:00+00:00",
+            "end": "2026-01-01T01:02:03+00:00",
+        },
+    ]
+    assert train_wall("/k/a", metas) == "1:02:03" and train_wall("/k/b", metas) == "–"
+    json.dumps(metas)

@@ -46,19 +46,21 @@ class Method:
         """What every result row of this method records beside the evaluated budget;
         ``state_ranks``: each layer's state rank (its kernels', or the ranks whose mean state
         bytes Baseline+'s extra tokens hold), None for a method with no state;
-        ``state_variant``: its kernels' ``less.state`` (e.g. ``sum``, ``multi x2``)."""
+        ``state_variant``: its kernels' ``less.state`` (e.g. ``sum``, ``multi x2``) and
+        ``kernel_kind`` their family (``less.kind``), None without kernels."""
         ranks = self.state_ranks
-        variant = None
+        variant = kind = None
         if self.kernels:
             ranks = ranks or [self.kernels[i].cfg.rank for i in sorted(self.kernels)]
             kc = next(iter(self.kernels.values())).cfg
-            variant = state_label(kc.state, kc.states)
+            variant, kind = state_label(kc.state, kc.states), kc.kind
         return {
             "trained_budget": self.trained_budget,
             "transfer": self.transfer,
             "extra_tokens": self.extra_tokens,
             "state_ranks": ranks,
             "state_variant": variant,
+            "kernel_kind": kind,
             **{k: (self.trained_on or {}).get(k) for k in TRAINED_ON_KEYS},
         }
 

@@ -1,6 +1,7 @@
 """The `experiment=study` part of `lessctl report` (eval runs named `*-study`): gap closed (word
-perplexity, Baseline+ → Full) of each point with its paired interval, the figure of gap closed
-against training tokens (one line per epochs, hidden width and rank), and the one-factor
+perplexity, Baseline+ → Full) of each point with its paired interval and the wall time of the
+train run that made its kernels, the figure of gap closed against training tokens (one line per
+text, train source, epochs, hidden width and rank), and the one-factor
 comparisons: for every two points that differ in exactly one factor, the change in gap closed
 from the smaller setting to the larger, paired over the same windows, with its interval and a
 word. Returns Markdown lines."""
@@ -19,25 +20,75 @@ from lessctl import stats
 from lessctl.report.registry import ReportContext, register_section
 from lessctl.report.tables import _figure, _md, _samples, gap_closed
 
-FACTORS = ("train tokens", "epochs", "hidden", "rank")
+FACTORS = ("text", "train source", "train tokens", "epochs", "hidden", "rank")
 METHODS = ("full", "baseline_plus", "less")
 
 
-def study_point(checkpoint: str) -> dict[str, Any]:
-    """Training tokens, epochs, hidden width and rank of the kernels in `checkpoint` (from its
-    manifest and its activations' manifest); empty when the folder is gone."""
+def study_point(checkpoint: str, run: str | None = None) -> dict[str, Any]:
+    """The factors of the kernels in `checkpoint`: their training text, ``train.source``,
+    tokens, epochs, hidden width and rank, from its manifest (and its activations' manifest);
+    where the folder is gone (another machine), from the eval run folder `run`'s config, which
+    named the point (`extract.tokens`, `train.epochs`, `less.*`, `data`). Empty when neither
+    is there."""
     man_path = Path(checkpoint) / "manifest.json"
-    if not man_path.exists():
+    if man_path.exists():
+        man = json.loads(man_path.read_text())
+        data = man.get("data", {})
+        tokens = data.get("tokens")
+        acts = Path(str(man.get("activations", ""))) / "manifest.json"
+        if tokens is None and acts.exists():
+            tokens = json.loads(acts.read_text()).get("tokens")
+        return {
+            "text": man.get("dataset"),
+            "train source": data.get("train_source", "shards"),
+            "train tokens": tokens,
+            "epochs": man["spec"]["train"]["epochs"],
+            "hidden": man["kernel"]["hidden"],
+            "rank": _rank(man["kernel"]["rank"]),
+        }
+    cfg_path = Path(run or "") / "config.yaml"
+    if run is None or not cfg_path.exists():
         return {}
-    man = json.loads(man_path.read_text())
-    acts = Path(str(man.get("activations", ""))) / "manifest.json"
-    tokens = json.loads(acts.read_text()).get("tokens") if acts.exists() else None
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(cfg_path)
+    rank = OmegaConf.to_container(cfg.less.rank) if not isinstance(cfg.less.rank, int) else None
     return {
-        "train tokens": tokens,
-        "epochs": man["spec"]["train"]["epochs"],
-        "hidden": man["kernel"]["hidden"],
-        "rank": _rank(man["kernel"]["rank"]),
+        "text": cfg.data.name,
+        "train source": cfg.train.get("source", "shards"),
+        "train tokens": int(cfg.extract.tokens),
+        "epochs": int(cfg.train.epochs),
+        "hidden": int(cfg.less.hidden),
+        "rank": _rank(rank if rank is not None else int(cfg.less.rank)),
     }
+
+
+def train_wall(checkpoint: str, train_runs: list[dict[str, Any]]) -> str:
+    """The wall time of the finished train run that wrote `checkpoint` (its meta.json start to
+    end), as ``h:mm:ss``; "–" when no such run is among `train_runs`."""
+    from datetime import datetime
+
+    for meta in train_runs:
+        if meta.get("checkpoint") == checkpoint and meta.get("end") and meta.get("start"):
+            sec = datetime.fromisoformat(meta["end"]) - datetime.fromisoformat(meta["start"])
+            total = int(sec.total_seconds())
+            return f"{total // 3600}:{total % 3600 // 60:02d}:{total % 60:02d}"
+    return "–"
+
+
+def _train_runs(eval_run: str) -> list[dict[str, Any]]:
+    """meta.json of every finished train run beside the eval run folder `eval_run`
+    (``<results>/runs/eval/<name>`` -> ``<results>/runs/train/*``)."""
+    root = Path(eval_run).parent.parent / "train"
+    metas = []
+    for p in sorted(root.glob("*/meta.json")):
+        try:
+            meta = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("status") == "finished":
+            metas.append(meta)
+    return metas
 
 
 def _rank(rank: int | list[int]) -> int | str:
@@ -65,9 +116,12 @@ def study_table(df: pd.DataFrame) -> pd.DataFrame:
         less = g[g.method == "less"]
         if len(vals) < 3 or less.checkpoint.isna().all():
             continue
-        point = study_point(str(less.checkpoint.iloc[-1]))
+        run_dir = str(less.run.iloc[-1]) if "run" in less and less.run.notna().any() else None
+        ckpt = str(less.checkpoint.iloc[-1])
+        point = study_point(ckpt, run_dir)
         if not point:
             continue
+        point["train wall"] = train_wall(ckpt, _train_runs(run_dir)) if run_dir else "–"
         smp = [_samples(g[g.method == m].iloc[-1]) for m in METHODS]
         low = high = float("nan")
         if all(x is not None for x in smp):  # paired over the same windows
@@ -95,7 +149,8 @@ def study_table(df: pd.DataFrame) -> pd.DataFrame:
         return table
     if table["rank"].map(lambda r: isinstance(r, str)).any():  # a rank per layer: all as text
         table["rank"] = table["rank"].astype(str)
-    return table.sort_values(["dataset", "policy", "epochs", "hidden", "rank", "train tokens"])
+    order = ["dataset", "policy", "text", "train source", "epochs", "hidden", "rank"]
+    return table.sort_values([*order, "train tokens"])
 
 
 def comparisons(table: pd.DataFrame) -> pd.DataFrame:
@@ -140,7 +195,9 @@ def _figures(table: pd.DataFrame, fig_dir: Path) -> list[str]:
         name = f"study-gap-{dataset}-{policy}-{int(budget)}.png"
 
         def draw(ax, g=g, title=f"study: {dataset} {policy} budget {int(budget)}"):
-            for (ep, hid, r), s in g.groupby(["epochs", "hidden", "rank"]):
+            for (text, src, ep, hid, r), s in g.groupby(
+                ["text", "train source", "epochs", "hidden", "rank"]
+            ):
                 err = [s["gap closed"] - s["_low"], s["_high"] - s["gap closed"]]
                 ax.errorbar(
                     s["train tokens"],
@@ -148,7 +205,7 @@ def _figures(table: pd.DataFrame, fig_dir: Path) -> list[str]:
                     yerr=None if s["_low"].isna().any() else err,
                     marker="o",
                     capsize=3,
-                    label=f"epochs {ep}, hidden {hid}, R {r}",
+                    label=f"{text} ({src}), epochs {ep}, hidden {hid}, R {r}",
                 )
             ax.axhline(0, color="grey", lw=0.5)
             ax.set_xscale("log")
