@@ -110,41 +110,37 @@ def test_a_study_point_names_a_per_layer_rank(tmp_path):
         assert study_point(str(ck))["rank"] == want
 
 
-def test_a_point_whose_kernels_are_gone_is_read_from_its_run(tmp_path):
-    """On another machine the checkpoint folder is gone: the point's factors come from the eval
-    run's own config (which named them), so a regenerated report keeps every point; the train
-    wall time comes from the train run that wrote the checkpoint."""
-    import json
+def test_a_point_whose_kernels_are_gone_is_read_from_its_runs(tmp_path):
+    """On another machine the checkpoint folder is gone: the point's factors come from the
+    config of the train run that wrote it (text included), else from the eval run's own config
+    (which named the point, but whose `data` is the evaluated text: no text); the train wall
+    time comes from that train run."""
+    from lessctl.report.study import study_point, train_run_of, train_wall
 
-    from lessctl.report.study import study_point, train_wall
+    def config(folder, data):
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(
+            f"data: {{name: {data}}}\nextract: {{tokens: 1000448}}\n"
+            "train: {epochs: 1, source: online}\nless: {hidden: 128, rank: 8}\n"
+        )
+        return str(folder)
 
-    run = tmp_path / "runs" / "eval" / "x-study"
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text(
-        "data: {name: train-large}\nextract: {tokens: 1000448}\n"
-        "train: {epochs: 1, source: online}\nless: {hidden: 128, rank: 8}\n"
-    )
-    got = study_point(str(tmp_path / "gone"), str(run))
-    assert got == {
-        "text": "train-large",
+    ev = config(tmp_path / "runs" / "eval" / "x-study", "wikitext2")
+    tr = config(tmp_path / "runs" / "train" / "y-study", "train-large")
+    want = {
         "train source": "online",
         "train tokens": 1000448,
         "epochs": 1,
         "hidden": 128,
         "rank": 8,
     }
+    assert study_point(str(tmp_path / "gone"), ev, tr) == {"text": "train-large", **want}
+    assert study_point(str(tmp_path / "gone"), ev) == {"text": "–", **want}
     assert study_point(str(tmp_path / "gone"), str(tmp_path / "no-run")) == {}
-    metas = [
-        {
-            "checkpoint": "/k/other",
-            "start": "2026-01-01T00:00:00+00:00",
-            "end": "2026-01-01T09:00:00+00:00",
-        },
-        {
-            "checkpoint": "/k/a",
-            "start": "2026-01-01T00:00:00+00:00",
-            "end": "2026-01-01T01:02:03+00:00",
-        },
+    t0 = "2026-01-01T00:00:00+00:00"
+    runs = [
+        ({"checkpoint": "/k/other", "start": t0, "end": "2026-01-01T09:00:00+00:00"}, "p1"),
+        ({"checkpoint": "/k/a", "start": t0, "end": "2026-01-01T01:02:03+00:00"}, "p2"),
     ]
-    assert train_wall("/k/a", metas) == "1:02:03" and train_wall("/k/b", metas) == "–"
-    json.dumps(metas)
+    assert train_run_of("/k/a", runs)[1] == "p2" and train_run_of("/k/b", runs) is None
+    assert train_wall(train_run_of("/k/a", runs)[0]) == "1:02:03" and train_wall(None) == "–"

@@ -24,12 +24,13 @@ FACTORS = ("text", "train source", "train tokens", "epochs", "hidden", "rank")
 METHODS = ("full", "baseline_plus", "less")
 
 
-def study_point(checkpoint: str, run: str | None = None) -> dict[str, Any]:
+def study_point(checkpoint: str, run: str | None = None, train_run: str | None = None) -> dict:
     """The factors of the kernels in `checkpoint`: their training text, ``train.source``,
-    tokens, epochs, hidden width and rank, from its manifest (and its activations' manifest);
-    where the folder is gone (another machine), from the eval run folder `run`'s config, which
-    named the point (`extract.tokens`, `train.epochs`, `less.*`, `data`). Empty when neither
-    is there."""
+    tokens, epochs, hidden width and rank, from its manifest (and its activations' manifest).
+    Where the folder is gone (another machine): from the config of the train run folder
+    `train_run` that wrote it, else from the eval run folder `run`'s, which named the point
+    (`extract.tokens`, `train.*`, `less.*`; not the text: an eval's `data` is what it
+    evaluated, so "–"). Empty when none is there."""
     man_path = Path(checkpoint) / "manifest.json"
     if man_path.exists():
         man = json.loads(man_path.read_text())
@@ -46,49 +47,57 @@ def study_point(checkpoint: str, run: str | None = None) -> dict[str, Any]:
             "hidden": man["kernel"]["hidden"],
             "rank": _rank(man["kernel"]["rank"]),
         }
-    cfg_path = Path(run or "") / "config.yaml"
-    if run is None or not cfg_path.exists():
-        return {}
+    for folder, own_text in ((train_run, True), (run, False)):
+        cfg_path = Path(folder or "") / "config.yaml"
+        if folder is not None and cfg_path.exists():
+            return _point_of_config(cfg_path, own_text)
+    return {}
+
+
+def _point_of_config(cfg_path: Path, own_text: bool) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(cfg_path)
-    rank = OmegaConf.to_container(cfg.less.rank) if not isinstance(cfg.less.rank, int) else None
+    rank = cfg.less.rank
     return {
-        "text": cfg.data.name,
+        "text": cfg.data.name if own_text else "–",
         "train source": cfg.train.get("source", "shards"),
         "train tokens": int(cfg.extract.tokens),
         "epochs": int(cfg.train.epochs),
         "hidden": int(cfg.less.hidden),
-        "rank": _rank(rank if rank is not None else int(cfg.less.rank)),
+        "rank": _rank(rank if isinstance(rank, int) else [int(r) for r in rank]),
     }
 
 
-def train_wall(checkpoint: str, train_runs: list[dict[str, Any]]) -> str:
-    """The wall time of the finished train run that wrote `checkpoint` (its meta.json start to
-    end), as ``h:mm:ss``; "–" when no such run is among `train_runs`."""
+def train_run_of(checkpoint: str, train_runs: list[tuple[dict[str, Any], Path]]):
+    """(meta, folder) of the finished train run that wrote `checkpoint`, or None."""
+    return next(((m, p) for m, p in train_runs if m.get("checkpoint") == checkpoint), None)
+
+
+def train_wall(meta: dict[str, Any] | None) -> str:
+    """A train run's wall time (its meta.json start to end) as ``h:mm:ss``; "–" without one."""
     from datetime import datetime
 
-    for meta in train_runs:
-        if meta.get("checkpoint") == checkpoint and meta.get("end") and meta.get("start"):
-            sec = datetime.fromisoformat(meta["end"]) - datetime.fromisoformat(meta["start"])
-            total = int(sec.total_seconds())
-            return f"{total // 3600}:{total % 3600 // 60:02d}:{total % 60:02d}"
-    return "–"
+    if not meta or not meta.get("end") or not meta.get("start"):
+        return "–"
+    sec = datetime.fromisoformat(meta["end"]) - datetime.fromisoformat(meta["start"])
+    total = int(sec.total_seconds())
+    return f"{total // 3600}:{total % 3600 // 60:02d}:{total % 60:02d}"
 
 
-def _train_runs(eval_run: str) -> list[dict[str, Any]]:
-    """meta.json of every finished train run beside the eval run folder `eval_run`
+def _train_runs(eval_run: str) -> list[tuple[dict[str, Any], Path]]:
+    """(meta.json, folder) of every finished train run beside the eval run folder `eval_run`
     (``<results>/runs/eval/<name>`` -> ``<results>/runs/train/*``)."""
     root = Path(eval_run).parent.parent / "train"
-    metas = []
+    runs = []
     for p in sorted(root.glob("*/meta.json")):
         try:
             meta = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
         if meta.get("status") == "finished":
-            metas.append(meta)
-    return metas
+            runs.append((meta, p.parent))
+    return runs
 
 
 def _rank(rank: int | list[int]) -> int | str:
@@ -118,10 +127,14 @@ def study_table(df: pd.DataFrame) -> pd.DataFrame:
             continue
         run_dir = str(less.run.iloc[-1]) if "run" in less and less.run.notna().any() else None
         ckpt = str(less.checkpoint.iloc[-1])
-        point = study_point(ckpt, run_dir)
+        trained = train_run_of(ckpt, _train_runs(run_dir)) if run_dir else None
+        point = study_point(ckpt, run_dir, str(trained[1]) if trained else None)
         if not point:
             continue
-        point["train wall"] = train_wall(ckpt, _train_runs(run_dir)) if run_dir else "–"
+        if point["text"] == "–" and "kernel_text_source" in less:  # the row's own record
+            src = less.kernel_text_source.iloc[-1]
+            point["text"] = str(src).split(":", 1)[-1] if isinstance(src, str) else "–"
+        point["train wall"] = train_wall(trained[0] if trained else None)
         smp = [_samples(g[g.method == m].iloc[-1]) for m in METHODS]
         low = high = float("nan")
         if all(x is not None for x in smp):  # paired over the same windows
