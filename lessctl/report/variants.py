@@ -69,64 +69,77 @@ def variants_table(df: pd.DataFrame) -> pd.DataFrame:
         & df["metric"].isin(list(MEASURES))
     ]
     out = []
-    for (dataset, policy, budget, metric), g in d.groupby(
-        ["dataset", "policy", "budget", "metric"]
-    ):
+    # Full evicts nothing (no budget) and Baseline+'s rows carry its budget with the extra
+    # tokens: group by what the three share, then by the kernels' budget
+    for (dataset, policy, metric), g in d.groupby(["dataset", "policy", "metric"]):
         g = g.sort_values("_run")
         full = g[g.method == "full"]
         if full.empty or (full_s := _samples(full.iloc[-1])) is None:
             continue
-        plus = {_ranks(r.state_ranks): r for _, r in g[g.method == "baseline_plus"].iterrows()}
+        plus = {}
+        for _, r in g[g.method == "baseline_plus"].iterrows():
+            extra = r.get("extra_tokens")
+            base = r.budget - (0 if extra is None or pd.isna(extra) else extra)
+            plus[(float(base), _ranks(r.state_ranks))] = r
         kerneled = g[g.kernel_kind.notna()].copy()
-        if kerneled.empty:
-            continue
-        kerneled["_label"] = kerneled.apply(variant_label, axis=1)
-        latest = kerneled.drop_duplicates("_label", keep="last")
-        triples: dict[str, list] = {}
-        for _, v in latest.iterrows():
-            p = plus.get(_ranks(v.state_ranks))
-            smp = _samples(v)
-            if p is None or smp is None or (p_s := _samples(p)) is None:
-                continue
-            triples[v._label] = [full_s, p_s, smp, v, p]
-        paper = next(
-            (
-                lab
-                for lab, t in triples.items()
-                if (t[3].kernel_kind, t[3].state_variant) == PAPER and t[3].method == "less"
-            ),
-            None,
-        )
-        for lab, (f_s, p_s, v_s, v, p) in triples.items():
-            gap = stats.gap_closed(f_s, p_s, v_s)
-            row = {
-                "dataset": dataset,
-                "policy": policy,
-                "budget": budget,
-                "measure": MEASURES[metric],
-                "variant": lab,
-                "method": v.method,
-                "state ranks": _ranks(v.state_ranks)[0]
-                if len(set(_ranks(v.state_ranks))) == 1
-                else ",".join(map(str, _ranks(v.state_ranks))),
-                "Baseline+ extra tokens": p.get("extra_tokens"),
-                "Full": full.iloc[-1].value,
-                "Baseline+": p.value,
-                "variant ppl": v.value,
-                "gap closed": _interval(gap),
-                "vs Baseline+": _word(gap),
-                "Δ gap closed vs paper": "–",
-                "vs paper": "–",
-                "_gap": gap.value,
-                "_low": gap.low,
-                "_high": gap.high,
-            }
-            if paper is not None and lab != paper:
-                change = stats.gap_closed_change(triples[paper][:3], [f_s, p_s, v_s])
-                row["Δ gap closed vs paper"] = _interval(change, signed=True)
-                row["vs paper"] = _word(change)
-            out.append(row)
+        for budget, kb in kerneled.groupby("budget"):
+            out += _variant_rows(dataset, policy, budget, metric, full, full_s, plus, kb)
     return pd.DataFrame(out)
+
+
+def _variant_rows(dataset, policy, budget, metric, full, full_s, plus, kb) -> list[dict]:
+    """The rows of one (dataset, policy, measure) at the kernels' budget ``budget``."""
+    out = []
+    kb = kb.copy()
+    kb["_label"] = kb.apply(variant_label, axis=1)
+    latest = kb.drop_duplicates("_label", keep="last")
+    triples: dict[str, list] = {}  # label -> [Full, Baseline+, variant samples, row, plus row]
+    for _, v in latest.iterrows():
+        p = plus.get((float(budget), _ranks(v.state_ranks)))
+        smp = _samples(v)
+        if p is None or smp is None or (p_s := _samples(p)) is None:
+            continue
+        triples[v._label] = [full_s, p_s, smp, v, p]
+    paper = next(
+        (
+            lab
+            for lab, t in triples.items()
+            if (t[3].kernel_kind, t[3].state_variant) == PAPER and t[3].method == "less"
+        ),
+        None,
+    )
+    for lab, (f_s, p_s, v_s, v, p) in triples.items():
+        gap = stats.gap_closed(f_s, p_s, v_s)
+        row = {
+            "dataset": dataset,
+            "policy": policy,
+            "budget": budget,
+            "measure": MEASURES[metric],
+            "variant": lab,
+            "method": v.method,
+            "state ranks": _ranks(v.state_ranks)[0]
+            if len(set(_ranks(v.state_ranks))) == 1
+            else ",".join(map(str, _ranks(v.state_ranks))),
+            "Baseline+ extra tokens": "–"
+            if pd.isna(p.get("extra_tokens"))
+            else int(p.extra_tokens),
+            "Full": full.iloc[-1].value,
+            "Baseline+": p.value,
+            "variant ppl": v.value,
+            "gap closed": _interval(gap),
+            "vs Baseline+": _word(gap),
+            "Δ gap closed vs paper": "–",
+            "vs paper": "–",
+            "_gap": gap.value,
+            "_low": gap.low,
+            "_high": gap.high,
+        }
+        if paper is not None and lab != paper:
+            change = stats.gap_closed_change(triples[paper][:3], [f_s, p_s, v_s])
+            row["Δ gap closed vs paper"] = _interval(change, signed=True)
+            row["vs paper"] = _word(change)
+        out.append(row)
+    return out
 
 
 def _figures(table: pd.DataFrame, fig_dir: Path) -> list[str]:
