@@ -16,7 +16,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lessctl import extract as E
 from lessctl import train as T
 from lessctl.cli import app
 from lessctl.errors import LessctlError
@@ -28,7 +27,7 @@ from lessctl.runs import list_runs
 from lessctl.training.checkpoints import checkpoint_dir
 from lessctl.training.spec import train_spec
 
-from .test_extract import TEXT
+from .test_rank_per_layer import extracted  # noqa: F401, F811 (the smoke extraction fixture)
 
 MULTI = ("less.state=multi", "less.states=2", "less.rank=4")
 
@@ -64,16 +63,7 @@ def test_the_router_gets_gradients():
     assert float(mod.state_map.b.grad.abs().sum()) > 0
 
 
-@pytest.fixture
-def extracted(compose, tmp_path, monkeypatch):
-    monkeypatch.setenv("LESSCTL_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "t.txt").write_text(TEXT)
-    ov = ["experiment=smoke", f"data.path={tmp_path / 't.txt'}", "train.epochs=1"]
-    E.run(compose(*ov), log=lambda *_: None)
-    return ov
-
-
-def test_multi_trains_evaluates_and_is_matched_by_its_variant(extracted, compose, tiny_model):
+def test_multi_trains_evaluates_and_is_matched_by_its_variant(extracted, compose, tiny_model):  # noqa: F811
     geo = attention_geometry(tiny_model[0])
     out_sum, _ = T.run(compose(*extracted, "less.rank=4"), log=lambda *_: None)
     out, metrics = T.run(compose(*extracted, *MULTI), log=lambda *_: None)
