@@ -24,8 +24,9 @@ A variant whose update is not a sum of per-key features (the delta rule, whose w
 what the state already holds; segments merged by age) does not fit this protocol: it needs its
 own parallel form and cache step, and is not registered (README, "State variants").
 
-A variant is an ``nn.Module`` class registered with ``@register_state(name)``, built from a
-:class:`~lessctl.less.kernels.base.KernelConfig` (``cfg.state``, ``cfg.states``), with
+A variant is a :class:`StateVariant` subclass registered with ``@register_state(name)``,
+built from a :class:`~lessctl.less.kernels.base.KernelConfig` (``cfg.state``, ``cfg.states``),
+with
 
 - ``write(psi_k) -> psi~(k)`` [B,Hkv,S,R] and ``log_write(log_psi_k) -> log psi~(k)`` (log
   features, ``-inf`` = 0): the same map on either side of the log;
@@ -40,9 +41,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 STATES: dict[str, type[nn.Module]] = {}
+
+
+class StateVariant(nn.Module):
+    """The protocol's maps, each the identity (the sum state's); a variant overrides those it
+    changes and sets ``identity = False``."""
+
+    identity = True
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+
+    def write(self, psi_k: Tensor) -> Tensor:
+        return psi_k
+
+    def log_write(self, log_psi_k: Tensor) -> Tensor:
+        return log_psi_k
+
+    def read(self, phi_q: Tensor) -> Tensor:
+        return phi_q
+
+    def log_read(self, log_phi_q: Tensor) -> Tensor:
+        return log_phi_q
 
 
 def register_state(name: str):

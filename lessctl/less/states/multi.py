@@ -26,15 +26,15 @@ import torch
 from torch import Tensor, nn
 
 from lessctl.less.kernels.base import rank_list, uniform
-from lessctl.less.states.base import register_state
+from lessctl.less.states.base import StateVariant, register_state
 
 
 @register_state("multi")
-class MultiState(nn.Module):
-    identity = False
+class MultiState(StateVariant):
+    identity = False  # writes are gated; reads are phi's own (StateVariant's identity)
 
     def __init__(self, cfg) -> None:
-        super().__init__()
+        super().__init__(cfg)
         self.m = int(cfg.states)
         if self.m < 2 or cfg.rank % self.m:
             raise ValueError(f"less.state=multi: rank {cfg.rank} is not M={self.m} states x rows")
@@ -61,12 +61,6 @@ class MultiState(nn.Module):
         log_psi_k = log_psi_k.float()
         dist = torch.softmax(log_psi_k, -1).nan_to_num(0.0)  # all-zero features: no weight
         return self._rows(log_psi_k, torch.log_softmax(self._gates(dist), -1), torch.add)
-
-    def read(self, phi_q: Tensor) -> Tensor:
-        return phi_q
-
-    def log_read(self, log_phi_q: Tensor) -> Tensor:
-        return log_phi_q
 
     @classmethod
     def config_problem(cls, less: Any) -> str | None:

@@ -6,30 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
-
-from lessctl.less.kernels.base import KernelConfig
-from lessctl.less.states.base import register_state
+from lessctl.less.states.base import StateVariant, register_state
 
 
 @register_state("sum")
-class SumState(nn.Module):
-    identity = True
-
-    def __init__(self, cfg: KernelConfig) -> None:
-        super().__init__()
-
-    def write(self, psi_k: Tensor) -> Tensor:
-        return psi_k
-
-    def log_write(self, log_psi_k: Tensor) -> Tensor:
-        return log_psi_k
-
-    def read(self, phi_q: Tensor) -> Tensor:
-        return phi_q
-
-    def log_read(self, log_phi_q: Tensor) -> Tensor:
-        return log_phi_q
+class SumState(StateVariant):
+    """Every map the identity (StateVariant's)."""
 
     @classmethod
     def config_problem(cls, less: Any) -> str | None:
