@@ -24,7 +24,7 @@ from lessctl.errors import LessctlError
 from lessctl.hooks import refuse_unknown_kwargs
 from lessctl.less.attention import parallel_attention
 from lessctl.less.kernels import LayerKernels, layer_ranks, rank_list
-from lessctl.less.states import state_label
+from lessctl.less.states import STATE_DEFAULTS, state_label
 from lessctl.methods.registry import MethodContext
 from lessctl.policies.base import Policy, layer_evict_at
 from lessctl.policies.budget import build_policy
@@ -147,7 +147,6 @@ def _same_training(cfg: DictConfig, man: dict) -> bool:
 
 CHECKPOINT_FORMAT = 2  # manifests with `format`, `split` (policy_spec) and `data`
 KERNEL_KEYS = ("rank", "hidden", "kind", "state", "states")  # what an evaluation needs of them
-KERNEL_DEFAULTS = {"state": "sum", "states": 1}  # what a checkpoint older than the keys holds
 
 
 class CheckpointNotFound(LessctlError):
@@ -180,17 +179,17 @@ def checkpoint_differences(man: dict[str, Any], cfg: DictConfig, policy: Policy)
         diffs.append(f"policy={man.get('policy')} (evaluating policy={policy.name})")
     kern = man.get("kernel", {})
     for k in KERNEL_KEYS:
+        default = STATE_DEFAULTS.get(k)  # what a checkpoint older than the key holds
         if k == "rank":  # an int or each layer's (an int checkpoint: every layer's rank)
             n = man.get("geometry", {}).get("num_layers", 1)
             same = _ranks(kern.get(k), n) == _ranks(cfg.less.rank, n)
             want = rank_list(cfg.less.rank) or int(cfg.less.rank)
         else:
-            default = KERNEL_DEFAULTS.get(k)
             want = cfg.less.get(k, default)
             want = str(want) if k in ("kind", "state") else int(want)
             same = kern.get(k, default) == want
         if not same:
-            diffs.append(f"less.{k}={kern.get(k)} (evaluating less.{k}={want})")
+            diffs.append(f"less.{k}={kern.get(k, default)} (evaluating less.{k}={want})")
     if diffs:
         return diffs
     want = policy_spec(policy)

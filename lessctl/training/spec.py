@@ -9,11 +9,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lessctl.errors import LessctlError
 from lessctl.less.kernels import kernel_config  # noqa: F401 (re-exported)
+from lessctl.less.states import STATE_DEFAULTS
 
 EVAL_ONLY_LESS_KEYS = ("ckpt", "transfer")  # choose a checkpoint; not part of what is trained
-# the paper's state, left out of the spec so that the folders trained before state variants
-# existed keep their names
-DEFAULT_STATE = (("state", "sum"), ("states", 1))
 HYPER_KEYS = ("epochs", "batch_size", "lr", "step_size", "gamma", "val_fraction")
 
 
@@ -28,7 +26,7 @@ def train_spec(cfg: DictConfig, man: dict[str, Any]) -> dict[str, Any]:
         "less": {
             k: v
             for k, v in OmegaConf.to_container(cfg.less, resolve=True).items()
-            if k not in EVAL_ONLY_LESS_KEYS and (k, v) not in DEFAULT_STATE
+            if k not in EVAL_ONLY_LESS_KEYS and STATE_DEFAULTS.get(k, object()) != v
         },
         "train": hyper,
         "seed": int(cfg.seed),

@@ -6,10 +6,16 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from lessctl.less.states.base import STATES, register_state, state_label, state_problem
+from lessctl.less.states.base import (
+    STATE_DEFAULTS,
+    STATES,
+    register_state,
+    state_label,
+    state_problem,
+)
 
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":
         importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["STATES", "register_state", "state_label", "state_problem"]
+__all__ = ["STATE_DEFAULTS", "STATES", "register_state", "state_label", "state_problem"]

@@ -44,6 +44,9 @@ from typing import Any
 from torch import Tensor, nn
 
 STATES: dict[str, type[nn.Module]] = {}
+# the paper's state: what a config or checkpoint older than ``less.state`` holds, and what the
+# training spec leaves out so that the folders trained before state variants keep their names
+STATE_DEFAULTS = {"state": "sum", "states": 1}
 
 
 class StateVariant(nn.Module):
